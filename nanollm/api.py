@@ -1,0 +1,140 @@
+"""The runbook's Python API, on the same Lightning path as `train.py`.
+
+    tokenizer = CharTokenizer.from_text(text)
+    model = TransformerLanguageModel(vocab_size=tokenizer.vocab_size, embedding_dim=32, num_layers=2,
+                                     num_heads=4, ffn_hidden_dim=64, context_length=64)
+    result = train_with_config(model, tokenizer.encode(text), config, tokenizer=tokenizer)
+    step, loss = load_checkpoint(config["checkpoint_dir"] + "/checkpoint_final.ckpt", model)
+    print(generate_text(model, tokenizer, "The ", max_length=100, temperature=0.8, top_k=40, seed=0))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from nanollm.errors import NanoLLMError
+from nanollm.model import TransformerLanguageModel
+from nanollm.tokenizer import CharTokenizer
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Runbook config key -> Hydra config key.
+RUNBOOK_KEYS = {
+    "learning_rate": "optim.lr",
+    "num_steps": "trainer.max_steps",
+    "seed": "seed",
+    "checkpoint_interval": "checkpoint_interval",
+    "batch_size": "data.batch_size",
+}
+
+
+class CheckpointInfo(NamedTuple):
+    step: int
+    loss: float | None
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    import lightning as L
+
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
+def compose_config(overrides: list[str]):
+    """The same composed config `python train.py <overrides>` would use."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="nanollm_api"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def train_with_config(
+    model: TransformerLanguageModel,
+    tokens,
+    config: dict[str, Any],
+    resume_from: str | Path | None = None,
+    tokenizer: CharTokenizer | None = None,
+) -> dict[str, Any]:
+    """Train `model` in place on `tokens` (ids) as the runbook's `config` says.
+
+    Writes `checkpoint_step_<N>.ckpt`, `last.ckpt` and `checkpoint_final.ckpt` into
+    `config["checkpoint_dir"]` and returns the results, including `final_loss` and `final_grad_norm`.
+    Pass `tokenizer` to store the vocabulary in the checkpoints (then generate.py can use them).
+    """
+    from nanollm.corpus import EncodedCorpus, token_dtype
+    from nanollm.training import run
+
+    if "checkpoint_dir" not in config:
+        raise NanoLLMError("config['checkpoint_dir'] is required: the directory for checkpoint files.")
+    if config.get("vocab_size") not in (None, model.config.vocab_size):
+        raise NanoLLMError(f"config['vocab_size'] ({config['vocab_size']}) differs from the model's ({model.config.vocab_size}).")
+    ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise NanoLLMError("tokens must be a 1-D sequence of integer token ids (e.g. tokenizer.encode(text)).")
+    if ids.size and ids.min() < 0:
+        raise NanoLLMError("tokens must be non-negative token ids.")
+    if ids.size < 2:
+        raise NanoLLMError(f"Token sequence must have at least 2 tokens, got {ids.size}.")
+
+    checkpoint_dir = Path(config["checkpoint_dir"]).resolve()
+    num_steps = config.get("num_steps", 1000)
+    overrides = [f"{RUNBOOK_KEYS[k]}={v!r}" if isinstance(v, str) else f"{RUNBOOK_KEYS[k]}={v}"
+                 for k, v in config.items() if k in RUNBOOK_KEYS and v is not None]
+    overrides += [f"model.{k}={v}" for k, v in model.config.to_dict().items() if k != "vocab_size"]
+    overrides += [
+        "model.name=custom",
+        "data.path=<tokens>",
+        f"run_dir={checkpoint_dir}",
+        f"checkpoint_dir={checkpoint_dir}",
+        "logger=null",
+        "~callbacks.text_samples",
+        f"trainer.val_check_interval={num_steps if isinstance(num_steps, int) and num_steps > 0 else 1}",
+        f"trainer.enable_progress_bar={str(bool(config.get('progress_bar', True))).lower()}",
+        f"sample.max_new_tokens={0 if tokenizer is None else 100}",
+        f"ckpt_path={resume_from if resume_from is not None else 'null'}",
+    ]
+    cfg = compose_config(overrides)
+    corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
+    results = run(cfg, model=model, corpus=corpus, echo=lambda *_: None)
+    results["final_loss"] = results["final_train_loss"]
+    return results
+
+
+def load_checkpoint(path: str | Path, model: TransformerLanguageModel, optimizer: torch.optim.Optimizer | None = None) -> CheckpointInfo:
+    """Load weights (and optionally optimizer state) into `model`; returns `(step, loss)`."""
+    from nanollm.checkpointing import NANOLLM_KEY, load_model_weights, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    load_model_weights(model, checkpoint, path)
+    if optimizer is not None and checkpoint.get("optimizer_states"):
+        optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    return CheckpointInfo(int(checkpoint["global_step"]), checkpoint[NANOLLM_KEY].get("train_loss"))
+
+
+def load_model(path: str | Path) -> tuple[TransformerLanguageModel, CharTokenizer | None]:
+    """Rebuild the model and tokenizer from a checkpoint file alone."""
+    from nanollm.checkpointing import model_from_checkpoint
+
+    model, tokenizer, _ = model_from_checkpoint(path)
+    return model, tokenizer
+
+
+def generate_text(
+    model: TransformerLanguageModel,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    max_length: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> str:
+    """The prompt followed by `max_length` sampled characters; the same seed gives the same text."""
+    from nanollm.generation import generate_tokens, make_generator
+
+    ids = generate_tokens(model, tokenizer.encode(prompt), max_length, temperature, top_k, make_generator(seed), use_cache)
+    return prompt + tokenizer.decode(list(ids))

@@ -1,0 +1,103 @@
+"""What the entry points do around the library: user errors as one line, run dirs, reports."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from nanollm.errors import NanoLLMError
+
+
+def exit_on_user_error(main):
+    """Print a NanoLLMError as one `error:` line on stderr and exit 1, without a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig):
+        try:
+            return main(cfg)
+        except NanoLLMError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("error: interrupted before training started; nothing was saved.", file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (GPU/TPU availability, ...) out of the console; we print a summary."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_command(cfg: DictConfig) -> float | None:
+    """`python train.py`: train, print the report, return the final validation loss (for sweepers)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from nanollm.training import run
+
+    quiet_lightning()
+    if cfg.run_dir is None:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    results = run(cfg)
+    print(format_report(results))
+    return results["final_val_loss"]
+
+
+def format_report(results: dict) -> str:
+    def num(value, fmt=".4f"):
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = []
+    if results["status"] == "interrupted":
+        lines.append(
+            f"Interrupted at step {results['global_step']}: saved {results['checkpoint_path']}. "
+            "Resume with ckpt_path=last (same command)."
+        )
+    lines += [
+        f"final train loss      {num(results['final_train_loss'])}",
+        f"final val loss        {num(results['final_val_loss'])}  (perplexity {num(results['final_val_perplexity'], '.2f')})",
+        f"final gradient norm   {num(results['final_grad_norm'])}",
+        f"steps                 {results['global_step']}  in {results['training_time_seconds']:.1f} s",
+        f"checkpoint            {results['checkpoint_path']}",
+    ]
+    if results.get("sample"):
+        lines += ["", "sample:", results["sample"]]
+    return "\n".join(lines)
+
+
+def generate_command(cfg: DictConfig) -> None:
+    """`python generate.py`: load a checkpoint alone and stream samples to stdout."""
+    import torch
+
+    from nanollm.checkpointing import model_from_checkpoint, resolve_resume_path
+    from nanollm.generation import check_sampling_args, generate_tokens, make_generator
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise NanoLLMError("ckpt_path is required: python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt (or ckpt_path=last).")
+    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+        raise NanoLLMError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}.")
+    path = resolve_resume_path(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    model, tokenizer, _ = model_from_checkpoint(path, map_location="cpu")
+    if tokenizer is None:
+        raise NanoLLMError(f"Checkpoint '{path}' has no vocabulary (it was trained on raw token ids); decode its ids yourself.")
+    model.to(device)
+    prompt_ids = tokenizer.encode(str(cfg.prompt), what="The prompt")
+    generator = make_generator(cfg.seed)
+    for index in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"--- sample {index + 1} ---")
+        sys.stdout.write(str(cfg.prompt))
+        for token in generate_tokens(
+            model, prompt_ids, cfg.max_new_tokens, float(cfg.temperature), cfg.top_k, generator, use_cache=cfg.use_cache
+        ):
+            sys.stdout.write(tokenizer.chars[token])
+            sys.stdout.flush()
+        sys.stdout.write("\n")

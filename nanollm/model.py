@@ -1,0 +1,170 @@
+"""A GPT-style character Transformer in plain PyTorch (no Lightning, no Hydra).
+
+Pre-norm blocks of causal self-attention and a feed-forward network, learned position
+embeddings, and an LM head tied to the token embedding. An optional KV cache makes
+generation cost O(T) per new token instead of O(T^2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanollm.errors import NanoLLMError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    embedding_dim: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_hidden_dim: int = 64
+    context_length: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "embedding_dim", "num_layers", "num_heads", "ffn_hidden_dim", "context_length"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise NanoLLMError(f"model.{key} must be a positive integer, got {value!r}.")
+        if self.embedding_dim % self.num_heads:
+            raise NanoLLMError(
+                f"model.embedding_dim ({self.embedding_dim}) must be divisible by model.num_heads ({self.num_heads}); "
+                "change one of them, e.g. model.num_heads=4."
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise NanoLLMError(f"model.dropout must be in [0, 1), got {self.dropout!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for one batch of sequences, preallocated to the context."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        head_dim = config.embedding_dim // config.num_heads
+        shape = (batch_size, config.num_heads, config.context_length, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.length = 0
+        self.capacity = config.context_length
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.embedding_dim, 3 * config.embedding_dim)
+        self.proj = nn.Linear(config.embedding_dim, config.embedding_dim)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        causal = True
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k, v = cache.keys[layer][:, :, : start + T], cache.values[layer][:, :, : start + T]
+            # A single new token may attend to everything cached; a prefill (start == 0) is plain causal.
+            causal = start == 0
+        dropout = self.dropout if self.training else 0.0
+        # SDPA picks flash / memory-efficient kernels where the hardware has them.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.embedding_dim, config.ffn_hidden_dim)
+        self.proj = nn.Linear(config.ffn_hidden_dim, config.embedding_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embedding_dim)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.embedding_dim)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.ffn(self.norm2(x))
+
+
+class TransformerLanguageModel(nn.Module):
+    """Next-character predictor: `forward(idx, targets)` returns `(logits, loss)`."""
+
+    def __init__(self, config: ModelConfig | None = None, **kwargs):
+        super().__init__()
+        config = config or ModelConfig(**kwargs)
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.position_embedding = nn.Embedding(config.context_length, config.embedding_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.embedding_dim)
+        self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
+        # Weight tying: the output projection shares the token embedding (fewer parameters, better loss).
+        self.lm_head.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+        # GPT-2 init: residual projections scaled by 1/sqrt(2 * num_layers) keep the residual stream's variance flat.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_position_embedding: bool = False) -> int:
+        """Number of trainable parameters (the tied head is counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.position_embedding.weight.numel() if exclude_position_embedding else total
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"Sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        param = self.token_embedding.weight
+        return KVCache(self.config, batch_size, param.device, param.dtype)
+
+    def flops_per_token(self) -> int:
+        """Approximate training FLOPs per token (forward + backward), as in the PaLM appendix."""
+        c = self.config
+        return 6 * self.num_parameters(exclude_position_embedding=True) + 12 * c.num_layers * c.embedding_dim * c.context_length

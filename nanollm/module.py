@@ -1,0 +1,187 @@
+"""The LightningModule: next-token loss, metrics, AdamW with decay groups, warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from nanollm.checkpointing import NANOLLM_KEY, FORMAT_VERSION
+from nanollm.errors import NanoLLMError
+from nanollm.model import ModelConfig, TransformerLanguageModel
+from nanollm.tokenizer import CharTokenizer
+
+
+class NonFiniteLossError(NanoLLMError):
+    """The loss became NaN or infinite: training stops before anything bad is saved."""
+
+
+class LanguageModelModule(L.LightningModule):
+    """Trains a TransformerLanguageModel. Metrics are accumulated on the device and logged every
+    `log_every_n_steps`, so a training step never waits on the host."""
+
+    def __init__(
+        self,
+        model_config: dict,
+        optim: dict,
+        tokenizer: dict | None = None,
+        run_config: dict | None = None,
+        seed: int = 0,
+        compile: bool = False,
+        model: TransformerLanguageModel | None = None,
+    ):
+        super().__init__()
+        # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["model", "run_config", "tokenizer"])
+        self.model = model if model is not None else TransformerLanguageModel(ModelConfig(**model_config))
+        self.tokenizer = CharTokenizer.from_dict(tokenizer) if tokenizer else None
+        self.run_config = run_config or {}
+        self.optim = optim
+        self.seed = seed
+        if compile:
+            self.model.compile()  # in place: state-dict keys stay those of the plain model
+        self._reset_interval()
+        self.last_grad_norm: float | None = None
+        self.last_train_loss: float | None = None
+        self.val_history: list[dict] = []
+        self._first_bad_step = torch.tensor(-1)
+
+    # ---- training -----------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout's randomness is a function of (seed, step): a resumed run draws the same masks.
+        if self.model.config.dropout > 0:
+            torch.manual_seed(self.seed * 1_000_003 + self.global_step)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        loss_value = loss.detach()
+        bad = ~torch.isfinite(loss_value)
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.global_step, self._first_bad_step)
+        self._loss_sum += loss_value
+        self._interval_steps += 1
+        if self._is_log_step():
+            self._log_interval()
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The norm before clipping, i.e. what the data asked for; computed only where it is logged.
+        if self._is_log_step():
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm)
+            self.last_grad_norm = float(norm)
+
+    def _is_log_step(self) -> bool:
+        # Matches when Lightning writes logged values to the logger (its step + 1 convention).
+        return self._trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def _log_interval(self) -> None:
+        self.check_finite()
+        now = time.perf_counter()
+        mean_loss = self._loss_sum / self._interval_steps
+        tokens = self._interval_steps * self._tokens_per_step()
+        self.log("train/loss", mean_loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/tokens_per_second", tokens / max(now - self._interval_start, 1e-9), prog_bar=True)
+        self.last_train_loss = float(mean_loss)
+        self._reset_interval(now)
+
+    def _reset_interval(self, now: float | None = None) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._interval_steps = 0
+        self._interval_start = now if now is not None else time.perf_counter()
+
+    def _tokens_per_step(self) -> int:
+        dm = self.trainer.datamodule
+        return dm.batch_size * self.model.config.context_length if dm is not None else 0
+
+    def on_train_start(self) -> None:
+        self._reset_interval()
+        self._first_bad_step = self._first_bad_step.to(self.device)
+
+    def check_finite(self) -> None:
+        """Raise (stopping training) if any step so far had a non-finite loss."""
+        step = int(self._first_bad_step)
+        if step >= 0:
+            lr = self.optim["lr"]
+            raise NonFiniteLossError(
+                f"Loss became NaN/Inf at step {step}; training stopped and no checkpoint of the diverged weights was saved. "
+                f"Lower the learning rate (e.g. optim.lr={lr / 10:g}) and resume from the last checkpoint."
+            )
+
+    # ---- validation ---------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_tokens = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        # Token-weighted so the last, smaller batch counts for what it holds.
+        self._val_loss_sum += loss.detach() * y.numel()
+        self._val_tokens += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        loss_sum, tokens = self.all_gather(self._val_loss_sum).sum(), self.all_gather(self._val_tokens).sum()
+        val_loss = loss_sum / tokens.clamp(min=1)
+        perplexity = torch.exp(val_loss)
+        self.log("val/loss", val_loss, prog_bar=False, sync_dist=False)
+        self.log("val/perplexity", perplexity, prog_bar=True, sync_dist=False)
+        self.val_history.append({"step": int(self.global_step), "val_loss": float(val_loss)})
+
+    # ---- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.optim["weight_decay"]},  # matrices and embeddings
+            {"params": no_decay, "weight_decay": 0.0},  # biases and LayerNorm gains
+        ]
+        fused = self.optim.get("fused") and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]), fused=bool(fused) or None
+        )
+        max_steps = max(int(self.trainer.max_steps), 1)
+        warmup = min(int(self.optim["warmup_steps"]), max_steps - 1)
+        min_factor = float(self.optim["min_lr_ratio"])
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(max_steps - warmup, 1), eta_min=self.optim["lr"] * min_factor
+        )
+        if warmup > 0:
+            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+            schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+        else:
+            schedule = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never write diverged weights: the previous checkpoint stays the newest good one.
+        self.check_finite()
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLossError(
+                f"Weights became NaN/Inf by step {self.global_step}; no checkpoint was written. "
+                f"Lower the learning rate (e.g. optim.lr={self.optim['lr'] / 10:g}) and resume from the last checkpoint."
+            )
+        checkpoint[NANOLLM_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.config.to_dict(),
+            "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
+            "config": self.run_config,
+            "train_loss": self.last_train_loss,
+            "val_history": list(self.val_history),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(NANOLLM_KEY, {})
+        self.val_history = list(saved.get("val_history", []))
+        self.last_train_loss = saved.get("train_loss")
+
+
+def perplexity(loss: float | None) -> float | None:
+    return math.exp(loss) if loss is not None and loss < 700 else None

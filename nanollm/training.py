@@ -1,0 +1,187 @@
+"""`run(cfg)`: build the data module, model and Lightning Trainer from a config, train, report.
+
+Used by `train.py` and by the Python API, so both train on exactly the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nanollm.callbacks import GracefulInterrupt
+from nanollm.checkpointing import (
+    FINAL_NAME,
+    LAST_NAME,
+    NANOLLM_KEY,
+    SafeCheckpointIO,
+    architecture_mismatch,
+    atomic_copy,
+    list_checkpoints,
+    read_checkpoint,
+    resolve_resume_path,
+)
+from nanollm.config import model_config_from, validate_config
+from nanollm.corpus import EncodedCorpus
+from nanollm.data import CharDataModule
+from nanollm.errors import NanoLLMError
+from nanollm.generation import generate_tokens, make_generator
+from nanollm.model import TransformerLanguageModel
+from nanollm.module import LanguageModelModule, perplexity
+
+# Our batches come from vectorised indexing into a memmap; worker processes would only add IPC.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+def run(
+    cfg: DictConfig,
+    model: TransformerLanguageModel | None = None,
+    corpus: EncodedCorpus | None = None,
+    echo=print,
+) -> dict[str, Any]:
+    """Train as `cfg` says and return the results (also written to `<run_dir>/results.json`)."""
+    validate_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+
+    datamodule = CharDataModule(
+        path=None if corpus is not None else cfg.data.path,
+        context_length=cfg.model.context_length,
+        batch_size=cfg.data.batch_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed or 0,
+        cache_dir=cfg.data.get("cache_dir"),
+        corpus=corpus,
+        pin_memory=str(cfg.trainer.accelerator) in ("gpu", "cuda"),
+    )
+    datamodule.setup("fit")
+    tokenizer = datamodule.corpus.tokenizer
+    model_config = model.config if model is not None else model_config_from(cfg, tokenizer.vocab_size)
+    if int(datamodule.corpus.tokens.max()) >= model_config.vocab_size:
+        raise NanoLLMError(
+            f"Token id {int(datamodule.corpus.tokens.max())} is outside the model's vocabulary "
+            f"(vocab_size {model_config.vocab_size}); build the model with the tokenizer's vocab_size."
+        )
+
+    resume_from = resolve_resume_path(cfg.ckpt_path, checkpoint_dir, Path(cfg.outputs_dir))
+    if resume_from is not None:
+        _check_resumable(resume_from, model_config.to_dict(), tokenizer)
+    elif list_checkpoints(checkpoint_dir):
+        raise NanoLLMError(
+            f"'{checkpoint_dir}' already holds checkpoints of another run; resume it with ckpt_path=last "
+            "or start a new run in another directory (hydra.run.dir=...)."
+        )
+
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    module = LanguageModelModule(
+        model_config=model_config.to_dict(),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
+        run_config=run_config,
+        seed=cfg.seed or 0,
+        compile=bool(cfg.get("compile", False)),
+        model=model,
+    )
+    interrupt = GracefulInterrupt(checkpoint_dir)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [interrupt]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()], _convert_="partial"
+    )
+
+    if trainer.is_global_zero:
+        echo(_summary(cfg, module, datamodule, trainer, run_dir, resume_from))
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+    training_time = time.perf_counter() - started
+
+    final_path = checkpoint_dir / FINAL_NAME
+    if interrupt.saved_path is None:
+        if not module.val_history or module.val_history[-1]["step"] != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)
+        trainer.save_checkpoint(final_path, weights_only=False)
+        if trainer.is_global_zero:
+            atomic_copy(final_path, checkpoint_dir / LAST_NAME)
+    results = _results(cfg, module, trainer, training_time, final_path, interrupt)
+    if trainer.is_global_zero:
+        if tokenizer is not None and cfg.sample.max_new_tokens > 0:
+            results["sample"] = sample_text(module.model, tokenizer, cfg.sample)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _check_resumable(path: Path, wanted_model: dict, tokenizer) -> None:
+    saved = read_checkpoint(path)[NANOLLM_KEY]
+    mismatched = architecture_mismatch(saved["model"], wanted_model)
+    if mismatched:
+        raise NanoLLMError(
+            f"Checkpoint '{path}' has a different architecture than the config: {', '.join(mismatched)}. "
+            "Use the same model settings as the checkpoint, or start a new run without ckpt_path."
+        )
+    if tokenizer is not None and saved.get("tokenizer") and saved["tokenizer"] != tokenizer.to_dict():
+        raise NanoLLMError(
+            f"Checkpoint '{path}' was trained on text with a different character set than data.path; "
+            "resume with the same data, or start a new run."
+        )
+
+
+def _summary(cfg, module, datamodule, trainer, run_dir: Path, resume_from) -> str:
+    lines = [
+        f"nanollm | model {cfg.model.get('name', 'custom')} | {module.model.num_parameters():,} parameters | "
+        f"vocabulary {module.model.config.vocab_size} | train {len(datamodule.train_tokens):,} tokens | "
+        f"val {len(datamodule.val_tokens):,} tokens",
+        f"device {trainer.strategy.root_device} x{trainer.world_size} | precision {trainer.precision} | "
+        f"{cfg.trainer.max_steps} steps of {cfg.data.batch_size} x {cfg.model.context_length} tokens",
+        f"run directory {run_dir}",
+    ]
+    if resume_from:
+        lines.append(f"resuming from {resume_from}")
+    return "\n".join(lines)
+
+
+def _results(cfg, module, trainer, training_time, final_path, interrupt) -> dict[str, Any]:
+    val_loss = module.val_history[-1]["val_loss"] if module.val_history else None
+    steps_run = trainer.global_step
+    tokens_seen = steps_run * cfg.data.batch_size * cfg.model.context_length
+    return {
+        "status": "interrupted" if interrupt.saved_path else "completed",
+        "model": cfg.model.get("name", "custom"),
+        "num_parameters": module.model.num_parameters(),
+        "vocab_size": module.model.config.vocab_size,
+        "training_time_seconds": round(training_time, 3),
+        "global_step": steps_run,
+        "tokens_seen": tokens_seen,
+        "final_train_loss": module.last_train_loss,
+        "final_val_loss": val_loss,
+        "final_val_perplexity": perplexity(val_loss),
+        "best_val_loss": min((h["val_loss"] for h in module.val_history), default=None),
+        "final_grad_norm": module.last_grad_norm,
+        "val_loss_estimate": "full pass over the validation split",
+        "val_history": module.val_history,
+        "checkpoint_path": str(interrupt.saved_path or final_path),
+        "device": str(trainer.strategy.root_device),
+        "precision": str(trainer.precision),
+        "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "optim")},
+    }
+
+
+def sample_text(model: TransformerLanguageModel, tokenizer, sample: DictConfig) -> str:
+    """The configured prompt (unknown characters dropped) and a sampled continuation."""
+    prompt = "".join(c for c in sample.prompt if c in tokenizer.stoi) or tokenizer.chars[0]
+    generator = make_generator(sample.get("seed", 0))
+    ids = generate_tokens(model, tokenizer.encode(prompt), sample.max_new_tokens, sample.temperature, sample.top_k, generator)
+    return prompt + tokenizer.decode(list(ids))
