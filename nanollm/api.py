@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from nanollm.errors import NanoLLMError
 from nanollm.model import TransformerLanguageModel
@@ -82,22 +83,22 @@ def train_with_config(
 
     checkpoint_dir = Path(config["checkpoint_dir"]).resolve()
     num_steps = config.get("num_steps", 1000)
-    overrides = [f"{RUNBOOK_KEYS[k]}={v!r}" if isinstance(v, str) else f"{RUNBOOK_KEYS[k]}={v}"
-                 for k, v in config.items() if k in RUNBOOK_KEYS and v is not None]
-    overrides += [f"model.{k}={v}" for k, v in model.config.to_dict().items() if k != "vocab_size"]
-    overrides += [
-        "model.name=custom",
-        "data.path=<tokens>",
-        f"run_dir={checkpoint_dir}",
-        f"checkpoint_dir={checkpoint_dir}",
-        "logger=null",
-        "~callbacks.text_samples",
-        f"trainer.val_check_interval={num_steps if isinstance(num_steps, int) and num_steps > 0 else 1}",
-        f"trainer.enable_progress_bar={str(bool(config.get('progress_bar', True))).lower()}",
-        f"sample.max_new_tokens={0 if tokenizer is None else 100}",
-        f"ckpt_path={resume_from if resume_from is not None else 'null'}",
-    ]
-    cfg = compose_config(overrides)
+    # Group choices go through Hydra; values are set on the composed config (any string is safe there).
+    cfg = compose_config(["~logger", "~callbacks.text_samples"])
+    values = {RUNBOOK_KEYS[k]: v for k, v in config.items() if k in RUNBOOK_KEYS and v is not None}
+    values.update({f"model.{k}": v for k, v in model.config.to_dict().items() if k != "vocab_size"})
+    values.update({
+        "model.name": "custom",
+        "data.path": "<tokens>",
+        "run_dir": str(checkpoint_dir),
+        "checkpoint_dir": str(checkpoint_dir),
+        "trainer.val_check_interval": num_steps if isinstance(num_steps, int) and num_steps > 0 else 1,
+        "trainer.enable_progress_bar": bool(config.get("progress_bar", True)),
+        "sample.max_new_tokens": 0 if tokenizer is None else 100,
+        "ckpt_path": str(resume_from) if resume_from is not None else None,
+    })
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
     corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
     results = run(cfg, model=model, corpus=corpus, echo=lambda *_: None)
     results["final_loss"] = results["final_train_loss"]

@@ -83,6 +83,8 @@ class LanguageModelModule(L.LightningModule):
         now = time.perf_counter()
         mean_loss = self._loss_sum / self._interval_steps
         tokens = self._interval_steps * self._tokens_per_step()
+        # "step" sets the x-axis: optimizer steps completed, rather than Lightning's zero-based batch index.
+        self.log("step", float(self.global_step + 1))
         self.log("train/loss", mean_loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/tokens_per_second", tokens / max(now - self._interval_start, 1e-9), prog_bar=True)
@@ -130,6 +132,7 @@ class LanguageModelModule(L.LightningModule):
         loss_sum, tokens = self.all_gather(self._val_loss_sum).sum(), self.all_gather(self._val_tokens).sum()
         val_loss = loss_sum / tokens.clamp(min=1)
         perplexity = torch.exp(val_loss)
+        self.log("step", float(self.global_step))
         self.log("val/loss", val_loss, prog_bar=False, sync_dist=False)
         self.log("val/perplexity", perplexity, prog_bar=True, sync_dist=False)
         self.val_history.append({"step": int(self.global_step), "val_loss": float(val_loss)})

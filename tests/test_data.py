@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from nanollm import NanoLLMError
+from nanollm.corpus import EncodedCorpus
+from nanollm.data import CharDataModule
+
+TEXT = "".join(chr(97 + (i * 7) % 26) for i in range(2000))
+
+
+def make_module(**kwargs) -> CharDataModule:
+    settings = dict(corpus=EncodedCorpus.from_text(TEXT), context_length=16, batch_size=4, seed=7)
+    module = CharDataModule(**{**settings, **kwargs})
+    module.setup()
+    return module
+
+
+def first_batches(module: CharDataModule, n: int):
+    iterator = iter(module.train_dataloader())
+    return [next(iterator) for _ in range(n)]
+
+
+def test_split_is_contiguous_90_10():
+    module = make_module()
+    assert len(module.train_tokens) == 1800 and len(module.val_tokens) == 200
+    assert np.array_equal(np.concatenate([module.train_tokens, module.val_tokens]), module.corpus.tokens)
+
+
+def test_windows_are_shifted_targets_with_the_real_batch_size():
+    x, y = first_batches(make_module(batch_size=5), 1)[0]
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_batches_are_deterministic_under_the_seed_and_resume_exactly():
+    run = first_batches(make_module(), 6)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(run, first_batches(make_module(), 6)))
+    assert not torch.equal(run[0][0], first_batches(make_module(seed=8), 1)[0][0])
+    resumed = make_module()
+    resumed.load_state_dict({"batches_served": 4})
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(run[4:], first_batches(resumed, 2)))
+
+
+def test_validation_covers_the_split_once():
+    module = make_module()
+    batches = list(module.val_dataloader())
+    assert sum(x.shape[0] for x, _ in batches) == (200 - 1) // 16
+
+
+def test_text_shorter_than_context_is_rejected():
+    with pytest.raises(NanoLLMError, match="context_length"):
+        make_module(context_length=500)

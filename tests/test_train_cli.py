@@ -1,0 +1,99 @@
+"""End-to-end tests of train.py, run as a user runs it (a subprocess through Hydra)."""
+
+import shutil
+
+import pytest
+import torch
+
+from nanollm.api import compose_config
+from nanollm.config import model_config_from
+from nanollm.model import TransformerLanguageModel
+from tests.test_model import expected_parameters
+from tests.conftest import SAMPLE, assert_user_error, read_results, run_script, train_args
+
+
+def test_train_writes_checkpoints_tensorboard_and_results(trained_run):
+    checkpoints = {p.name for p in (trained_run / "checkpoints").iterdir()}
+    assert {"checkpoint_step_10.ckpt", "checkpoint_step_20.ckpt", "last.ckpt", "checkpoint_final.ckpt"} <= checkpoints
+    results = read_results(trained_run)
+    for key in ("num_parameters", "training_time_seconds", "final_train_loss", "final_val_loss",
+                "final_val_perplexity", "final_grad_norm", "global_step"):
+        assert results[key] is not None, key
+    assert results["global_step"] == 20
+    assert results["final_val_perplexity"] == pytest.approx(torch.tensor(results["final_val_loss"]).exp().item(), rel=1e-5)
+    assert results["final_val_loss"] < 4.0  # below an untrained model's ln(vocab) ~ 4.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_second"} <= scalars
+    assert [e.step for e in events.Scalars("val/loss")] == [10, 20]  # x-axis: optimizer steps done
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+
+
+def test_train_prints_summary_losses_checkpoint_and_sample(tmp_path):
+    result = run_script("train.py", train_args(tmp_path, "sample.prompt='The '"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "parameters" in out and "vocabulary" in out and "train 38," in out and "device cpu" in out
+    for label in ("final train loss", "final val loss", "perplexity", "final gradient norm", "checkpoint"):
+        assert label in out
+    assert "sample:\nThe " in out
+
+
+def test_resume_continues_from_saved_step_and_matches_an_uninterrupted_run(trained_run, tmp_path):
+    halfway = trained_run / "checkpoints" / "checkpoint_step_10.ckpt"
+    result = run_script("train.py", train_args(tmp_path, f"ckpt_path={halfway}"))
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {halfway}" in result.stdout
+    assert read_results(tmp_path / "run")["global_step"] == 20
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_final.ckpt", weights_only=True)
+    uninterrupted = torch.load(trained_run / "checkpoints" / "checkpoint_final.ckpt", weights_only=True)
+    for key, value in uninterrupted["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_ckpt_path_last_resumes_the_newest_run(tmp_path):
+    first = run_script("train.py", train_args(tmp_path, "trainer.max_steps=10", run="outputs/day/first"))
+    assert first.returncode == 0, first.stderr
+    second = run_script("train.py", train_args(tmp_path, "ckpt_path=last", "trainer.max_steps=15", run="outputs/day/second"))
+    assert second.returncode == 0, second.stderr
+    assert f"resuming from {tmp_path / 'outputs/day/first/checkpoints'}" in second.stdout
+    assert read_results(tmp_path / "outputs/day/second")["global_step"] == 15
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoints(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    result = run_script("train.py", train_args(tmp_path))
+    assert_user_error(result, "already holds checkpoints", "ckpt_path=last")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()} == before
+
+
+@pytest.mark.parametrize("preset, dims", [("nano", (32, 2, 64)), ("small", (64, 4, 128)), ("medium", (128, 6, 256)),
+                                          ("large", (384, 6, 1536))])
+def test_presets_compose_and_report_their_parameter_counts(preset, dims):
+    cfg = compose_config([f"model={preset}"])
+    assert (cfg.model.embedding_dim, cfg.model.num_layers, cfg.model.ffn_hidden_dim) == dims
+    assert cfg.optim.lr == cfg.model.recommended_lr and cfg.trainer.max_steps == cfg.model.recommended_steps
+    model = TransformerLanguageModel(model_config_from(cfg, vocab_size=65))
+    assert model.num_parameters() == expected_parameters(model.config)
+
+
+def test_bad_text_inputs_fail_with_one_clear_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "short.txt").write_text("just a few words here", encoding="utf-8")
+    (tmp_path / "binary.txt").write_bytes(b"ok text \x80\x81 more")
+    cases = [
+        ("data.path=" + str(tmp_path / "missing.txt"), ["does not exist", "data.path"]),
+        ("data.path=" + str(tmp_path / "empty.txt"), ["Token sequence must have at least 2 tokens"]),
+        ("data.path=" + str(tmp_path / "short.txt"), ["context_length"]),
+        ("data.path=" + str(tmp_path / "binary.txt"), ["binary.txt", "UTF-8", "offset 8"]),
+        ("model.num_heads=3", ["embedding_dim (16)", "num_heads (3)"]),
+        ("ckpt_path=" + str(tmp_path / "nope.ckpt"), ["nope.ckpt", "does not exist"]),
+        ("ckpt_path=" + str(SAMPLE), ["damaged or not a checkpoint"]),
+    ]
+    for override, fragments in cases:
+        assert_user_error(run_script("train.py", train_args(tmp_path, override)), *fragments)
+        assert not (tmp_path / "run" / "checkpoints").exists()
