@@ -1,13 +1,16 @@
 """Sample text from a checkpoint alone.
 
-    python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt prompt="The quick"
-    python generate.py ckpt_path=last temperature=0.5 top_k=1 max_new_tokens=300
+python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt prompt="The quick"
+python generate.py ckpt_path=last temperature=0.5 top_k=1 max_new_tokens=300
 """
+
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from nanollm.cli import exit_on_user_error, generate_command
+from nanollm.cli import check_config_choices, exit_on_user_error, generate_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_config_choices(sys.argv, Path(__file__).parent / "conf")
     main()

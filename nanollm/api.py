@@ -1,11 +1,11 @@
 """The runbook's Python API, on the same Lightning path as `train.py`.
 
-    tokenizer = CharTokenizer.from_text(text)
-    model = TransformerLanguageModel(vocab_size=tokenizer.vocab_size, embedding_dim=32, num_layers=2,
-                                     num_heads=4, ffn_hidden_dim=64, context_length=64)
-    result = train_with_config(model, tokenizer.encode(text), config, tokenizer=tokenizer)
-    step, loss = load_checkpoint(config["checkpoint_dir"] + "/checkpoint_final.ckpt", model)
-    print(generate_text(model, tokenizer, "The ", max_length=100, temperature=0.8, top_k=40, seed=0))
+tokenizer = CharTokenizer.from_text(text)
+model = TransformerLanguageModel(vocab_size=tokenizer.vocab_size, embedding_dim=32, num_layers=2,
+                                 num_heads=4, ffn_hidden_dim=64, context_length=64)
+result = train_with_config(model, tokenizer.encode(text), config, tokenizer=tokenizer)
+step, loss = load_checkpoint(config["checkpoint_dir"] + "/checkpoint_final.ckpt", model)
+print(generate_text(model, tokenizer, "The ", max_length=100, temperature=0.8, top_k=40, seed=0))
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def train_with_config(
     if "checkpoint_dir" not in config:
         raise NanoLLMError("config['checkpoint_dir'] is required: the directory for checkpoint files.")
     if config.get("vocab_size") not in (None, model.config.vocab_size):
-        raise NanoLLMError(f"config['vocab_size'] ({config['vocab_size']}) differs from the model's ({model.config.vocab_size}).")
+        raise NanoLLMError(
+            f"config['vocab_size'] ({config['vocab_size']}) differs from the model's ({model.config.vocab_size})."
+        )
     ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise NanoLLMError("tokens must be a 1-D sequence of integer token ids (e.g. tokenizer.encode(text)).")
@@ -87,16 +89,18 @@ def train_with_config(
     cfg = compose_config(["~logger", "~callbacks.text_samples"])
     values = {RUNBOOK_KEYS[k]: v for k, v in config.items() if k in RUNBOOK_KEYS and v is not None}
     values.update({f"model.{k}": v for k, v in model.config.to_dict().items() if k != "vocab_size"})
-    values.update({
-        "model.name": "custom",
-        "data.path": "<tokens>",
-        "run_dir": str(checkpoint_dir),
-        "checkpoint_dir": str(checkpoint_dir),
-        "trainer.val_check_interval": num_steps if isinstance(num_steps, int) and num_steps > 0 else 1,
-        "trainer.enable_progress_bar": bool(config.get("progress_bar", True)),
-        "sample.max_new_tokens": 0 if tokenizer is None else 100,
-        "ckpt_path": str(resume_from) if resume_from is not None else None,
-    })
+    values.update(
+        {
+            "model.name": "custom",
+            "data.path": "<tokens>",
+            "run_dir": str(checkpoint_dir),
+            "checkpoint_dir": str(checkpoint_dir),
+            "trainer.val_check_interval": num_steps if isinstance(num_steps, int) and num_steps > 0 else 1,
+            "trainer.enable_progress_bar": bool(config.get("progress_bar", True)),
+            "sample.max_new_tokens": 0 if tokenizer is None else 100,
+            "ckpt_path": str(resume_from) if resume_from is not None else None,
+        }
+    )
     for key, value in values.items():
         OmegaConf.update(cfg, key, value, merge=False)
     corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
@@ -105,7 +109,9 @@ def train_with_config(
     return results
 
 
-def load_checkpoint(path: str | Path, model: TransformerLanguageModel, optimizer: torch.optim.Optimizer | None = None) -> CheckpointInfo:
+def load_checkpoint(
+    path: str | Path, model: TransformerLanguageModel, optimizer: torch.optim.Optimizer | None = None
+) -> CheckpointInfo:
     """Load weights (and optionally optimizer state) into `model`; returns `(step, loss)`."""
     from nanollm.checkpointing import NANOLLM_KEY, load_model_weights, read_checkpoint
 
@@ -137,5 +143,7 @@ def generate_text(
     """The prompt followed by `max_length` sampled characters; the same seed gives the same text."""
     from nanollm.generation import generate_tokens, make_generator
 
-    ids = generate_tokens(model, tokenizer.encode(prompt), max_length, temperature, top_k, make_generator(seed), use_cache)
+    ids = generate_tokens(
+        model, tokenizer.encode(prompt), max_length, temperature, top_k, make_generator(seed), use_cache
+    )
     return prompt + tokenizer.decode(list(ids))

@@ -86,7 +86,11 @@ class TextSamples(L.Callback):
             return
         prompt = "".join(c for c in self.prompt if c in tokenizer.stoi) or tokenizer.chars[0]
         ids = generate_tokens(
-            pl_module.model, tokenizer.encode(prompt), self.max_new_tokens, self.temperature, self.top_k,
+            pl_module.model,
+            tokenizer.encode(prompt),
+            self.max_new_tokens,
+            self.temperature,
+            self.top_k,
             make_generator(0),
         )
         text = prompt + tokenizer.decode(list(ids))

@@ -78,9 +78,13 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a nanollm checkpoint without ever unpickling code; errors say what is wrong with the file."""
     path = Path(path)
     if not path.exists():
-        raise NanoLLMError(f"Checkpoint '{path}' does not exist. Check the path, or use ckpt_path=last for the newest run.")
+        raise NanoLLMError(
+            f"Checkpoint '{path}' does not exist. Check the path, or use ckpt_path=last for the newest run."
+        )
     if path.is_dir():
-        raise NanoLLMError(f"Checkpoint path '{path}' is a directory; pass a .ckpt file inside it (e.g. {path}/last.ckpt).")
+        raise NanoLLMError(
+            f"Checkpoint path '{path}' is a directory; pass a .ckpt file inside it (e.g. {path}/last.ckpt)."
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -96,7 +100,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DamagedCheckpointError(f"Checkpoint '{path}' is damaged or not a checkpoint file ({reason}).") from None
     if not isinstance(checkpoint, dict) or NANOLLM_KEY not in checkpoint or "state_dict" not in checkpoint:
-        raise NanoLLMError(f"'{path}' is not a nanollm checkpoint (no model/vocabulary record). Pass a .ckpt written by train.py.")
+        raise NanoLLMError(
+            f"'{path}' is not a nanollm checkpoint (no model/vocabulary record). Pass a .ckpt written by train.py."
+        )
     return checkpoint
 
 
@@ -180,8 +186,11 @@ def load_model_weights(model, checkpoint: dict, path: str | Path) -> None:
     unexpected = sorted(set(state) - set(own))
     resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or resized:
-        parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", resized)) if keys]
+        parts = [
+            f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", resized))
+            if keys
+        ]
         raise NanoLLMError(
             f"Checkpoint '{path}' does not match this model's architecture ({'; '.join(parts)}). "
             "Build the model with the checkpoint's settings."

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from nanollm.errors import NanoLLMError
+from nanollm.errors import NanoLLMError, TrainingInterrupted
 
 
 def exit_on_user_error(main):
-    """Print a NanoLLMError as one `error:` line on stderr and exit 1, without a traceback."""
+    """Print a NanoLLMError as one `error:` line on stderr and exit non-zero, without a traceback.
+
+    In a multirun the failed job is recorded in its results.json instead, so the sweep goes on.
+    """
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
@@ -21,12 +25,50 @@ def exit_on_user_error(main):
             return main(cfg)
         except NanoLLMError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            if _in_multirun() and not isinstance(err, TrainingInterrupted):
+                _record_failed_job(cfg, err)
+                return None
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             print("error: interrupted before training started; nothing was saved.", file=sys.stderr, flush=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failed_job(cfg: DictConfig, err: Exception) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    record = {"status": "failed", "error": str(err), "overrides": list(hydra_cfg.overrides.task)}
+    Path(hydra_cfg.runtime.output_dir, "results.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_config_choices(argv: list[str], conf_dir: Path) -> None:
+    """Reject an unknown config-group choice (e.g. `model=huge`) in one line, listing the valid ones.
+
+    Hydra reports these with a multi-line search-path dump; this check runs before it.
+    """
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+~")
+        if not sep or "(" in value or not (conf_dir / group).is_dir():
+            continue
+        for choice in value.split(","):  # a sweep lists several choices
+            if choice and choice != "null" and not (conf_dir / group / f"{choice}.yaml").is_file():
+                options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+                print(
+                    f"error: unknown {group} '{choice}'; choose one of: {', '.join(options)} (e.g. {group}={options[0]}).",
+                    file=sys.stderr,
+                )
+                sys.exit(1)
 
 
 def quiet_lightning() -> None:
@@ -46,6 +88,11 @@ def train_command(cfg: DictConfig) -> float | None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     results = run(cfg)
     print(format_report(results))
+    if results["status"] == "interrupted":
+        raise TrainingInterrupted(
+            f"interrupted at step {results['global_step']}; saved {results['checkpoint_path']}. "
+            "Resume with the same command plus ckpt_path=last."
+        )
     return results["final_val_loss"]
 
 
@@ -53,13 +100,7 @@ def format_report(results: dict) -> str:
     def num(value, fmt=".4f"):
         return "n/a" if value is None else format(value, fmt)
 
-    lines = []
-    if results["status"] == "interrupted":
-        lines.append(
-            f"Interrupted at step {results['global_step']}: saved {results['checkpoint_path']}. "
-            "Resume with ckpt_path=last (same command)."
-        )
-    lines += [
+    lines = [
         f"final train loss      {num(results['final_train_loss'])}",
         f"final val loss        {num(results['final_val_loss'])}  (perplexity {num(results['final_val_perplexity'], '.2f')})",
         f"final gradient norm   {num(results['final_grad_norm'])}",
@@ -79,15 +120,23 @@ def generate_command(cfg: DictConfig) -> None:
     from nanollm.generation import check_sampling_args, generate_tokens, make_generator
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
-        raise NanoLLMError("ckpt_path is required: python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt (or ckpt_path=last).")
+        raise NanoLLMError(
+            "ckpt_path is required: python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt (or ckpt_path=last)."
+        )
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise NanoLLMError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}.")
     path = resolve_resume_path(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     model, tokenizer, _ = model_from_checkpoint(path, map_location="cpu")
     if tokenizer is None:
-        raise NanoLLMError(f"Checkpoint '{path}' has no vocabulary (it was trained on raw token ids); decode its ids yourself.")
+        raise NanoLLMError(
+            f"Checkpoint '{path}' has no vocabulary (it was trained on raw token ids); decode its ids yourself."
+        )
     model.to(device)
     prompt_ids = tokenizer.encode(str(cfg.prompt), what="The prompt")
     generator = make_generator(cfg.seed)

@@ -58,7 +58,9 @@ def list_text_files(path: str | Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
-        raise NanoLLMError(f"Directory '{path}' contains no .txt files. Put UTF-8 .txt files in it or point data.path at a file.")
+        raise NanoLLMError(
+            f"Directory '{path}' contains no .txt files. Put UTF-8 .txt files in it or point data.path at a file."
+        )
     return files
 
 

@@ -7,3 +7,11 @@ class NanoLLMError(Exception):
     Entry points catch it and print the message without a traceback; anything else is a bug
     and keeps its traceback.
     """
+
+    exit_code = 1
+
+
+class TrainingInterrupted(NanoLLMError):
+    """Ctrl-C stopped training after a checkpoint was saved; exits with the conventional status 130."""
+
+    exit_code = 130

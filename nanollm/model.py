@@ -167,4 +167,7 @@ class TransformerLanguageModel(nn.Module):
     def flops_per_token(self) -> int:
         """Approximate training FLOPs per token (forward + backward), as in the PaLM appendix."""
         c = self.config
-        return 6 * self.num_parameters(exclude_position_embedding=True) + 12 * c.num_layers * c.embedding_dim * c.context_length
+        return (
+            6 * self.num_parameters(exclude_position_embedding=True)
+            + 12 * c.num_layers * c.embedding_dim * c.context_length
+        )

@@ -8,7 +8,7 @@ import time
 import lightning as L
 import torch
 
-from nanollm.checkpointing import NANOLLM_KEY, FORMAT_VERSION
+from nanollm.checkpointing import FORMAT_VERSION, NANOLLM_KEY
 from nanollm.errors import NanoLLMError
 from nanollm.model import ModelConfig, TransformerLanguageModel
 from nanollm.tokenizer import CharTokenizer
@@ -62,6 +62,7 @@ class LanguageModelModule(L.LightningModule):
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.global_step, self._first_bad_step)
         self._loss_sum += loss_value
         self._interval_steps += 1
+        self._timed_steps += 1
         if self._is_log_step():
             self._log_interval()
         return loss
@@ -82,7 +83,7 @@ class LanguageModelModule(L.LightningModule):
         self.check_finite()
         now = time.perf_counter()
         mean_loss = self._loss_sum / self._interval_steps
-        tokens = self._interval_steps * self._tokens_per_step()
+        tokens = self._timed_steps * self._tokens_per_step()
         # "step" sets the x-axis: optimizer steps completed, rather than Lightning's zero-based batch index.
         self.log("step", float(self.global_step + 1))
         self.log("train/loss", mean_loss, prog_bar=True)
@@ -94,6 +95,7 @@ class LanguageModelModule(L.LightningModule):
     def _reset_interval(self, now: float | None = None) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
         self._interval_steps = 0
+        self._timed_steps = 0  # steps since the timer started (differs from the above right after a resume)
         self._interval_start = now if now is not None else time.perf_counter()
 
     def _tokens_per_step(self) -> int:
@@ -102,6 +104,10 @@ class LanguageModelModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._reset_interval()
+        restored = getattr(self, "_restored_interval", None)
+        if restored:
+            self._loss_sum = restored["loss_sum"].to(self.device)
+            self._interval_steps = restored["steps"]
         self._first_bad_step = self._first_bad_step.to(self.device)
 
     def check_finite(self) -> None:
@@ -177,13 +183,18 @@ class LanguageModelModule(L.LightningModule):
             "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
             "config": self.run_config,
             "train_loss": self.last_train_loss,
+            "grad_norm": self.last_grad_norm,
             "val_history": list(self.val_history),
+            # The running mean of the current log interval, so a resumed run reports the same losses.
+            "interval": {"loss_sum": self._loss_sum.detach().cpu(), "steps": self._interval_steps},
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(NANOLLM_KEY, {})
         self.val_history = list(saved.get("val_history", []))
         self.last_train_loss = saved.get("train_loss")
+        self.last_grad_norm = saved.get("grad_norm")
+        self._restored_interval = saved.get("interval")
 
 
 def perplexity(loss: float | None) -> float | None:

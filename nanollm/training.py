@@ -183,5 +183,7 @@ def sample_text(model: TransformerLanguageModel, tokenizer, sample: DictConfig) 
     """The configured prompt (unknown characters dropped) and a sampled continuation."""
     prompt = "".join(c for c in sample.prompt if c in tokenizer.stoi) or tokenizer.chars[0]
     generator = make_generator(sample.get("seed", 0))
-    ids = generate_tokens(model, tokenizer.encode(prompt), sample.max_new_tokens, sample.temperature, sample.top_k, generator)
+    ids = generate_tokens(
+        model, tokenizer.encode(prompt), sample.max_new_tokens, sample.temperature, sample.top_k, generator
+    )
     return prompt + tokenizer.decode(list(ids))

@@ -31,11 +31,19 @@ TINY = [
 ]
 
 
-def run_script(script: str, args: list[str], cwd: Path = ROOT, timeout: int = 180, **kwargs) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 180, **kwargs
+) -> subprocess.CompletedProcess:
     """Run train.py / generate.py exactly as a user would, capturing output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
     )
 
 

@@ -35,11 +35,11 @@ def test_windows_are_shifted_targets_with_the_real_batch_size():
 
 def test_batches_are_deterministic_under_the_seed_and_resume_exactly():
     run = first_batches(make_module(), 6)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(run, first_batches(make_module(), 6)))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(run, first_batches(make_module(), 6), strict=True))
     assert not torch.equal(run[0][0], first_batches(make_module(seed=8), 1)[0][0])
     resumed = make_module()
     resumed.load_state_dict({"batches_served": 4})
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(run[4:], first_batches(resumed, 2)))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(run[4:], first_batches(resumed, 2), strict=True))
 
 
 def test_validation_covers_the_split_once():

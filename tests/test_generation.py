@@ -9,7 +9,9 @@ from nanollm.generation import generate_tokens, make_generator
 def model_and_tokenizer():
     torch.manual_seed(0)
     tok = CharTokenizer.from_text("abcdefghij klmnop")
-    config = ModelConfig(vocab_size=tok.vocab_size, embedding_dim=16, num_layers=2, num_heads=2, ffn_hidden_dim=32, context_length=24)
+    config = ModelConfig(
+        vocab_size=tok.vocab_size, embedding_dim=16, num_layers=2, num_heads=2, ffn_hidden_dim=32, context_length=24
+    )
     return TransformerLanguageModel(config), tok
 
 

@@ -64,7 +64,12 @@ def test_tiny_model_overfits_a_short_text():
     chars = sorted(set(text))
     ids = torch.tensor([[chars.index(c) for c in text]])
     model = TransformerLanguageModel(
-        vocab_size=len(chars), embedding_dim=32, num_layers=2, num_heads=4, ffn_hidden_dim=64, context_length=ids.size(1) - 1
+        vocab_size=len(chars),
+        embedding_dim=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_hidden_dim=64,
+        context_length=ids.size(1) - 1,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):

@@ -8,26 +8,42 @@ import torch
 from nanollm.api import compose_config
 from nanollm.config import model_config_from
 from nanollm.model import TransformerLanguageModel
-from tests.test_model import expected_parameters
 from tests.conftest import SAMPLE, assert_user_error, read_results, run_script, train_args
+from tests.test_model import expected_parameters
 
 
 def test_train_writes_checkpoints_tensorboard_and_results(trained_run):
     checkpoints = {p.name for p in (trained_run / "checkpoints").iterdir()}
     assert {"checkpoint_step_10.ckpt", "checkpoint_step_20.ckpt", "last.ckpt", "checkpoint_final.ckpt"} <= checkpoints
     results = read_results(trained_run)
-    for key in ("num_parameters", "training_time_seconds", "final_train_loss", "final_val_loss",
-                "final_val_perplexity", "final_grad_norm", "global_step"):
+    for key in (
+        "num_parameters",
+        "training_time_seconds",
+        "final_train_loss",
+        "final_val_loss",
+        "final_val_perplexity",
+        "final_grad_norm",
+        "global_step",
+    ):
         assert results[key] is not None, key
     assert results["global_step"] == 20
-    assert results["final_val_perplexity"] == pytest.approx(torch.tensor(results["final_val_loss"]).exp().item(), rel=1e-5)
+    assert results["final_val_perplexity"] == pytest.approx(
+        torch.tensor(results["final_val_loss"]).exp().item(), rel=1e-5
+    )
     assert results["final_val_loss"] < 4.0  # below an untrained model's ln(vocab) ~ 4.0
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(trained_run / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_second"} <= scalars
+    assert {
+        "train/loss",
+        "val/loss",
+        "val/perplexity",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_second",
+    } <= scalars
     assert [e.step for e in events.Scalars("val/loss")] == [10, 20]  # x-axis: optimizer steps done
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
 
@@ -57,7 +73,9 @@ def test_resume_continues_from_saved_step_and_matches_an_uninterrupted_run(train
 def test_ckpt_path_last_resumes_the_newest_run(tmp_path):
     first = run_script("train.py", train_args(tmp_path, "trainer.max_steps=10", run="outputs/day/first"))
     assert first.returncode == 0, first.stderr
-    second = run_script("train.py", train_args(tmp_path, "ckpt_path=last", "trainer.max_steps=15", run="outputs/day/second"))
+    second = run_script(
+        "train.py", train_args(tmp_path, "ckpt_path=last", "trainer.max_steps=15", run="outputs/day/second")
+    )
     assert second.returncode == 0, second.stderr
     assert f"resuming from {tmp_path / 'outputs/day/first/checkpoints'}" in second.stdout
     assert read_results(tmp_path / "outputs/day/second")["global_step"] == 15
@@ -71,8 +89,10 @@ def test_a_new_run_never_overwrites_another_runs_checkpoints(trained_run, tmp_pa
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()} == before
 
 
-@pytest.mark.parametrize("preset, dims", [("nano", (32, 2, 64)), ("small", (64, 4, 128)), ("medium", (128, 6, 256)),
-                                          ("large", (384, 6, 1536))])
+@pytest.mark.parametrize(
+    "preset, dims",
+    [("nano", (32, 2, 64)), ("small", (64, 4, 128)), ("medium", (128, 6, 256)), ("large", (384, 6, 1536))],
+)
 def test_presets_compose_and_report_their_parameter_counts(preset, dims):
     cfg = compose_config([f"model={preset}"])
     assert (cfg.model.embedding_dim, cfg.model.num_layers, cfg.model.ffn_hidden_dim) == dims
