@@ -81,6 +81,9 @@ def train_command(cfg: DictConfig) -> float | None:
     """`python train.py`: train, print the report, return the final validation loss (for sweepers)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from nanollm.config import validate_config
+
+    validate_config(cfg)  # before the heavy imports, so config mistakes fail in a second
     from nanollm.training import run
 
     quiet_lightning()

@@ -47,6 +47,7 @@ class LanguageModelModule(L.LightningModule):
         self.last_train_loss: float | None = None
         self.val_history: list[dict] = []
         self._first_bad_step = torch.tensor(-1)
+        self.first_step_time: float | None = None  # wall clock at the end of this process's first step
 
     # ---- training -----------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -66,6 +67,10 @@ class LanguageModelModule(L.LightningModule):
         if self._is_log_step():
             self._log_interval()
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.first_step_time is None:
+            self.first_step_time = time.time()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The norm before clipping, i.e. what the data asked for; computed only where it is logged.

@@ -47,6 +47,7 @@ def run(
     cfg: DictConfig,
     model: TransformerLanguageModel | None = None,
     corpus: EncodedCorpus | None = None,
+    callbacks: list[L.Callback] | None = None,
     echo=print,
 ) -> dict[str, Any]:
     """Train as `cfg` says and return the results (also written to `<run_dir>/results.json`)."""
@@ -97,7 +98,8 @@ def run(
         model=model,
     )
     interrupt = GracefulInterrupt(checkpoint_dir)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [interrupt]
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [*configured, *(callbacks or []), interrupt]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()], _convert_="partial"
@@ -170,6 +172,7 @@ def _results(cfg, module, trainer, training_time, final_path, interrupt) -> dict
         "final_val_perplexity": perplexity(val_loss),
         "best_val_loss": min((h["val_loss"] for h in module.val_history), default=None),
         "final_grad_norm": module.last_grad_norm,
+        "first_step_unix_time": module.first_step_time,
         "val_loss_estimate": "full pass over the validation split",
         "val_history": module.val_history,
         "checkpoint_path": str(interrupt.saved_path or final_path),

@@ -8,7 +8,7 @@ import torch
 from nanollm.api import compose_config
 from nanollm.config import model_config_from
 from nanollm.model import TransformerLanguageModel
-from tests.conftest import SAMPLE, assert_user_error, read_results, run_script, train_args
+from tests.conftest import assert_user_error, read_results, run_script, train_args
 from tests.test_model import expected_parameters
 
 
@@ -99,21 +99,3 @@ def test_presets_compose_and_report_their_parameter_counts(preset, dims):
     assert cfg.optim.lr == cfg.model.recommended_lr and cfg.trainer.max_steps == cfg.model.recommended_steps
     model = TransformerLanguageModel(model_config_from(cfg, vocab_size=65))
     assert model.num_parameters() == expected_parameters(model.config)
-
-
-def test_bad_text_inputs_fail_with_one_clear_line(tmp_path):
-    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
-    (tmp_path / "short.txt").write_text("just a few words here", encoding="utf-8")
-    (tmp_path / "binary.txt").write_bytes(b"ok text \x80\x81 more")
-    cases = [
-        ("data.path=" + str(tmp_path / "missing.txt"), ["does not exist", "data.path"]),
-        ("data.path=" + str(tmp_path / "empty.txt"), ["Token sequence must have at least 2 tokens"]),
-        ("data.path=" + str(tmp_path / "short.txt"), ["context_length"]),
-        ("data.path=" + str(tmp_path / "binary.txt"), ["binary.txt", "UTF-8", "offset 8"]),
-        ("model.num_heads=3", ["embedding_dim (16)", "num_heads (3)"]),
-        ("ckpt_path=" + str(tmp_path / "nope.ckpt"), ["nope.ckpt", "does not exist"]),
-        ("ckpt_path=" + str(SAMPLE), ["damaged or not a checkpoint"]),
-    ]
-    for override, fragments in cases:
-        assert_user_error(run_script("train.py", train_args(tmp_path, override)), *fragments)
-        assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,375 @@
+"""Benchmarks: `python -m nanollm.bench [--data PATH] [--out FILE]`.
+
+Everything is measured side by side in one process run so machine noise cancels:
+- training tokens/s and ms/step of the Lightning path (`nanollm.training.run`, as train.py runs it)
+  against a bare PyTorch loop with the same model, batches, optimizer, schedule and clipping;
+- model FLOPs utilisation against a measured matrix-multiply peak of this machine;
+- generation characters/s with and without the KV cache;
+- corpus preparation MB/s and peak memory on a generated corpus;
+- time from `python train.py` to the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "raw" / "sample.txt"
+
+# The classic CPU baby model (embedding 128, 4 layers, context 64, batch 12, 2000 steps).
+REFERENCE = {
+    "model.name": "reference",
+    "model.embedding_dim": 128,
+    "model.num_layers": 4,
+    "model.num_heads": 4,
+    "model.ffn_hidden_dim": 512,
+    "model.context_length": 64,
+    "model.dropout": 0.0,
+    "data.batch_size": 12,
+    "optim.lr": 1e-3,
+    "trainer.max_steps": 2000,
+}
+
+
+def compose(preset: str, values: dict, run_dir: Path, data: Path):
+    from omegaconf import OmegaConf
+
+    from nanollm.api import compose_config
+
+    cfg = compose_config([f"model={preset}", "trainer.enable_progress_bar=false"])
+    values = {
+        "data.path": str(data),
+        "data.cache_dir": str(run_dir.parent / "cache"),
+        "run_dir": str(run_dir),
+        "checkpoint_dir": str(run_dir / "checkpoints"),
+        "sample.max_new_tokens": 0,
+        **values,
+    }
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+class StepTimer:
+    """Wall-clock between the end of step `start` and the end of the last step."""
+
+    def __init__(self, start: int):
+        import lightning as L
+
+        timer = self
+
+        class _Callback(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == start:
+                    timer.t0 = time.perf_counter()
+                timer.t1 = time.perf_counter()
+
+        self.callback = _Callback()
+        self.t0 = self.t1 = None
+
+
+def lightning_run(cfg, warmup: int) -> dict:
+    """Train through nanollm.training.run (the train.py path) and time the steady-state steps."""
+    from nanollm.training import run
+
+    timer = StepTimer(warmup)
+    started = time.perf_counter()
+    results = run(cfg, callbacks=[timer.callback], echo=lambda *_: None)
+    total = time.perf_counter() - started
+    steps = cfg.trainer.max_steps - warmup
+    return {
+        "seconds": timer.t1 - timer.t0,
+        "steps": steps,
+        "total_seconds": total,
+        "val_loss": results["final_val_loss"],
+    }
+
+
+def bare_loop(cfg, warmup: int, evaluate: bool = False) -> dict:
+    """The same training in plain PyTorch: no Lightning, no logging, no checkpoints."""
+    from nanollm.config import model_config_from
+    from nanollm.corpus import prepare_corpus
+    from nanollm.data import RandomWindows, SequentialWindows
+    from nanollm.model import TransformerLanguageModel
+
+    torch.manual_seed(cfg.seed)
+    corpus = prepare_corpus(cfg.data.path, cfg.data.cache_dir)
+    split = int(len(corpus.tokens) * (1 - cfg.data.val_fraction))
+    train, val = corpus.tokens[:split], corpus.tokens[split:]
+    model = TransformerLanguageModel(model_config_from(cfg, corpus.tokenizer.vocab_size))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+    )
+    max_steps, warm = cfg.trainer.max_steps, min(cfg.optim.warmup_steps, cfg.trainer.max_steps - 1)
+    schedule = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / max(warm, 1), total_iters=max(warm, 1)),
+            torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, max_steps - warm, cfg.optim.lr * cfg.optim.min_lr_ratio
+            ),
+        ],
+        milestones=[max(warm, 1)],
+    )
+    batches = iter(RandomWindows(train, cfg.model.context_length, cfg.data.batch_size, cfg.seed, 0, 0))
+    val_loss = None
+    started = time.perf_counter()
+    for step in range(max_steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        x, y = next(batches)
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        schedule.step()
+        last = step + 1 == max_steps
+        if evaluate and ((step + 1) % cfg.trainer.val_check_interval == 0 or last):
+            val_loss = evaluate_loss(model, SequentialWindows(val, cfg.model.context_length, cfg.data.batch_size))
+    t1 = time.perf_counter()
+    return {"seconds": t1 - t0, "steps": max_steps - warmup, "total_seconds": t1 - started, "val_loss": val_loss}
+
+
+@torch.no_grad()
+def evaluate_loss(model, windows) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in windows:
+        _, loss = model(x, y)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
+    """Measured float32 matrix-multiply FLOP/s of this machine (best of several runs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def throughput_rows(data: Path, work: Path, presets: list[str], steps: int, rounds: int) -> list[dict]:
+    from nanollm.config import model_config_from
+    from nanollm.model import TransformerLanguageModel
+
+    peak = matmul_peak()
+    rows = []
+    for name in [*presets, "reference"]:
+        values = dict(REFERENCE) if name == "reference" else {}
+        values.update({"trainer.max_steps": steps, "trainer.val_check_interval": 10**9, "checkpoint_interval": 10**9})
+        warmup = min(20, steps // 5)
+        best = {"lightning": None, "bare": None}
+        for r in range(rounds):  # interleaved so drifts in machine speed hit both alike
+            for kind in ("bare", "lightning"):
+                cfg = compose("nano" if name == "reference" else name, values, work / f"{name}-{kind}-{r}", data)
+                result = bare_loop(cfg, warmup) if kind == "bare" else lightning_run(cfg, warmup)
+                if best[kind] is None or result["seconds"] < best[kind]["seconds"]:
+                    best[kind] = result
+        tokens_per_step = cfg.data.batch_size * cfg.model.context_length
+        model = TransformerLanguageModel(model_config_from(cfg, vocab_size=65))
+        row = {"config": name, "parameters": model.num_parameters(), "tokens_per_step": tokens_per_step}
+        for kind in ("lightning", "bare"):
+            seconds_per_step = best[kind]["seconds"] / best[kind]["steps"]
+            row[f"{kind}_tokens_per_s"] = tokens_per_step / seconds_per_step
+            row[f"{kind}_ms_per_step"] = 1000 * seconds_per_step
+        row["ratio"] = row["lightning_tokens_per_s"] / row["bare_tokens_per_s"]
+        row["mfu"] = model.flops_per_token() * row["lightning_tokens_per_s"] / peak
+        row["peak_gflops"] = peak / 1e9
+        rows.append(row)
+    return rows
+
+
+def reference_quality(data: Path, work: Path) -> dict:
+    """The reference config for its full 2000 steps, Lightning path against the bare loop, with validation."""
+    values = dict(REFERENCE, **{"trainer.val_check_interval": 500, "checkpoint_interval": 500})
+    bare = bare_loop(compose("nano", values, work / "ref-bare", data), warmup=0, evaluate=True)
+    lit = lightning_run(compose("nano", values, work / "ref-lightning", data), warmup=0)
+    return {"lightning": lit, "bare": bare}
+
+
+def generation_speed(preset: str = "medium", context: int = 256, new_tokens: int = 255) -> dict:
+    from nanollm.generation import generate_tokens, make_generator
+    from nanollm.model import ModelConfig, TransformerLanguageModel
+
+    sizes = {"medium": (128, 6, 4, 256)}[preset]
+    config = ModelConfig(65, *sizes, context_length=context)
+    model = TransformerLanguageModel(config).eval()
+    result = {}
+    for use_cache in (False, True):
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            tokens = list(generate_tokens(model, [0], new_tokens, 1.0, None, make_generator(0), use_cache))
+            best = min(best, time.perf_counter() - start)
+        result["cache" if use_cache else "no_cache"] = len(tokens) / best
+    result["speedup"] = result["cache"] / result["no_cache"]
+    return result
+
+
+def make_corpus(path: Path, megabytes: int) -> None:
+    """A corpus of `megabytes` MB built from shuffled lines of the sample (realistic character mix)."""
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)
+    rng = np.random.default_rng(0)
+    with open(path, "w", encoding="utf-8") as handle:
+        written = 0
+        while written < megabytes * 1_000_000:
+            block = "".join(lines[i] for i in rng.integers(0, len(lines), 2000))
+            handle.write(block)
+            written += len(block.encode("utf-8"))
+
+
+def data_preparation(work: Path, megabytes: int) -> dict:
+    corpus = work / "corpus.txt"
+    make_corpus(corpus, megabytes)
+    size = corpus.stat().st_size
+    code = (
+        "import time,resource,sys; from nanollm.corpus import prepare_corpus; t=time.perf_counter();"
+        f"c=prepare_corpus({str(corpus)!r}, {str(work / 'prep-cache')!r}); print(time.perf_counter()-t, len(c.tokens),"
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.split()
+    seconds, tokens, peak_kb = float(out[0]), int(out[1]), int(out[2])
+    return {
+        "megabytes": size / 1e6,
+        "seconds": seconds,
+        "mb_per_s": size / 1e6 / seconds,
+        "peak_mb": peak_kb / 1024,
+        "tokens": tokens,
+    }
+
+
+def time_to_first_step(work: Path) -> float:
+    run_dir = work / "first-step"
+    start = time.time()
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=1",
+            "sample.max_new_tokens=0",
+            "trainer.enable_progress_bar=false",
+            f"data.cache_dir={work / 'cache'}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return json.loads((run_dir / "results.json").read_text())["first_step_unix_time"] - start
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Measured {report['date']} on {report['machine']} with `{report['command']}`.",
+        "",
+        "### Training throughput: Lightning path vs bare PyTorch loop (same process, interleaved, best of "
+        f"{report['rounds']})",
+        "",
+        "| config | parameters | tokens/step | Lightning tokens/s | bare tokens/s | Lightning ms/step | bare ms/step | ratio | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["throughput"]:
+        lines.append(
+            f"| {r['config']} | {r['parameters']:,} | {r['tokens_per_step']} | {r['lightning_tokens_per_s']:,.0f} | "
+            f"{r['bare_tokens_per_s']:,.0f} | {r['lightning_ms_per_step']:.2f} | {r['bare_ms_per_step']:.2f} | "
+            f"{r['ratio']:.3f} | {100 * r['mfu']:.1f}% |"
+        )
+    lines += [
+        "",
+        f"MFU is against a measured float32 matmul peak of {report['throughput'][0]['peak_gflops']:.0f} GFLOP/s.",
+    ]
+    if report.get("reference"):
+        ref = report["reference"]
+        lines += [
+            "",
+            "### Reference config, full 2000 steps with validation every 500 steps",
+            "",
+            "| path | final val loss | wall-clock (s) |",
+            "|---|---|---|",
+            f"| Lightning (train.py path) | {ref['lightning']['val_loss']:.4f} | {ref['lightning']['total_seconds']:.1f} |",
+            f"| bare loop | {ref['bare']['val_loss']:.4f} | {ref['bare']['total_seconds']:.1f} |",
+        ]
+    gen = report["generation"]
+    lines += [
+        "",
+        "### Generation (medium preset at a 256-character context, 255 new characters)",
+        "",
+        "| path | characters/s |",
+        "|---|---|",
+        f"| KV cache | {gen['cache']:,.0f} |",
+        f"| no cache | {gen['no_cache']:,.0f} |",
+        f"| speed-up | {gen['speedup']:.1f}x |",
+    ]
+    if report.get("data"):
+        d = report["data"]
+        lines += [
+            "",
+            f"### Data preparation ({d['megabytes']:.0f} MB generated corpus: vocabulary + encoding + cache)",
+            "",
+            f"{d['mb_per_s']:.0f} MB/s ({d['seconds']:.1f} s), peak memory {d['peak_mb']:.0f} MB.",
+        ]
+    lines += [
+        "",
+        f"### Time to first step\n\n`python train.py` (nano) to the end of its first optimizer step: {report['first_step_seconds']:.2f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SAMPLE, help="text to train on (e.g. tinyshakespeare)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per throughput measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per path (best is kept)")
+    parser.add_argument("--presets", default="nano,small,medium")
+    parser.add_argument("--corpus-mb", type=int, default=200, help="size of the generated corpus (0 skips)")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the full 2000-step reference run")
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        report = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "command": "python -m nanollm.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "rounds": args.rounds,
+            "throughput": throughput_rows(args.data, work, args.presets.split(","), args.steps, args.rounds),
+            "generation": generation_speed(),
+            "first_step_seconds": time_to_first_step(work),
+        }
+        if not args.skip_reference:
+            report["reference"] = reference_quality(args.data, work)
+        if args.corpus_mb:
+            report["data"] = data_preparation(work, args.corpus_mb)
+    text = markdown(report)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
