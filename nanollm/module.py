@@ -49,6 +49,11 @@ class LanguageModelModule(L.LightningModule):
         self._first_bad_step = torch.tensor(-1)
         self.first_step_time: float | None = None  # wall clock at the end of this process's first step
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # Our batches are always (x, y): move them directly, asynchronously from pinned memory on GPUs.
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
     # ---- training -----------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Dropout's randomness is a function of (seed, step): a resumed run draws the same masks.

@@ -21,9 +21,9 @@ class CharTokenizer:
         if any(len(c) != 1 for c in self.chars):
             raise NanoLLMError("CharTokenizer vocabulary entries must be single characters.")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        # Vectorised lookup table from Unicode code point to token id (-1 = unknown); it makes
-        # encoding large corpora a numpy gather instead of a Python loop.
-        self._lut = np.full(max(ord(c) for c in self.chars) + 1, -1, dtype=np.int64)
+        # Lookup table over all of Unicode (4 MB), code point -> token id (-1 = unknown): encoding a
+        # corpus becomes one numpy gather instead of a Python loop.
+        self._lut = np.full(0x110000, -1, dtype=np.int32)
         self._lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
 
     # ---- construction -------------------------------------------------------------------
@@ -54,10 +54,8 @@ class CharTokenizer:
     def encode_array(self, text: str, dtype: np.dtype | type = np.int64, what: str = "Text") -> np.ndarray:
         """Text to a numpy array of token ids (fast path used for whole corpora)."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        in_range = codes < len(self._lut)
-        ids = np.full(codes.shape, -1, dtype=np.int64)
-        ids[in_range] = self._lut[codes[in_range]]
-        if (ids < 0).any():
+        ids = self._lut[codes]
+        if ids.size and ids.min() < 0:
             unknown = sorted({chr(c) for c in codes[ids < 0]})
             shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
             raise NanoLLMError(
