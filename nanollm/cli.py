@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+import nanollm.config  # noqa: F401  (registers the OmegaConf resolvers conf/ uses)
 from nanollm.errors import NanoLLMError, TrainingInterrupted
 
 

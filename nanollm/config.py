@@ -61,3 +61,44 @@ def validate_config(cfg: DictConfig) -> None:
     path = _get(cfg, "data.path")
     if not path:
         raise NanoLLMError("data.path is empty: pass data.path=/path/to/text.txt.")
+
+
+def _run_name() -> str:
+    """TensorBoard run name: in a sweep the swept overrides (e.g. `model=small`), else the overrides.
+
+    '' outside a Hydra app (then the run directory names the run).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ""
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        swept = _swept_keys(hydra_cfg)
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or [f"job{hydra_cfg.job.num}"]
+    else:
+        excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    # One path component, well under the 255-byte file-name limit.
+    return ",".join(sorted(overrides)).replace("/", "_")[:150]
+
+
+def _swept_keys(hydra_cfg) -> set[str]:
+    """Keys a multirun sweeps: its sweeper's params and the command-line overrides with several values."""
+    from pathlib import Path
+
+    keys = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"  # Hydra writes the sweep's definition here
+    if record.exists():
+        for override in OmegaConf.load(record).hydra.overrides.task:
+            key, _, value = override.partition("=")
+            if "," in value:
+                keys.add(key.lstrip("+~"))
+    return keys
+
+
+# `${mul:4,${model.embedding_dim}}` in width_scaling; `${run_name:}` in the TensorBoard logger config.
+OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+OmegaConf.register_new_resolver("run_name", _run_name, replace=True)

@@ -34,7 +34,8 @@ class LanguageModelModule(L.LightningModule):
     ):
         super().__init__()
         # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["model", "run_config", "tokenizer"])
+        # logger=False: the HParams tab gets these at the end of training, together with the final metrics.
+        self.save_hyperparameters(ignore=["model", "run_config", "tokenizer"], logger=False)
         self.model = model if model is not None else TransformerLanguageModel(ModelConfig(**model_config))
         self.tokenizer = CharTokenizer.from_dict(tokenizer) if tokenizer else None
         self.run_config = run_config or {}

@@ -120,6 +120,7 @@ def run(
         if trainer.is_global_zero:
             atomic_copy(final_path, checkpoint_dir / LAST_NAME)
     results = _results(cfg, module, trainer, training_time, final_path, interrupt)
+    _log_hparams(trainer, cfg, results)
     if trainer.is_global_zero:
         if tokenizer is not None and cfg.sample.max_new_tokens > 0:
             results["sample"] = sample_text(module.model, tokenizer, cfg.sample)
@@ -162,12 +163,15 @@ def _results(cfg, module, trainer, training_time, final_path, interrupt) -> dict
     tokens_seen = steps_run * cfg.data.batch_size * cfg.model.context_length
     return {
         "status": "interrupted" if interrupt.saved_path else "completed",
+        "experiment_name": cfg.get("experiment_name"),
+        "overrides": _overrides(),
         "model": cfg.model.get("name", "custom"),
         "num_parameters": module.model.num_parameters(),
         "vocab_size": module.model.config.vocab_size,
         "training_time_seconds": round(training_time, 3),
         "global_step": steps_run,
         "tokens_seen": tokens_seen,
+        "tokens_per_second": tokens_seen / training_time if training_time > 0 else None,
         "final_train_loss": module.last_train_loss,
         "final_val_loss": val_loss,
         "final_val_perplexity": perplexity(val_loss),
@@ -181,6 +185,39 @@ def _results(cfg, module, trainer, training_time, final_path, interrupt) -> dict
         "precision": str(trainer.precision),
         "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "optim")},
     }
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+HPARAM_KEYS = (
+    "model.name",
+    "model.embedding_dim",
+    "model.num_layers",
+    "model.num_heads",
+    "model.ffn_hidden_dim",
+    "model.context_length",
+    "model.dropout",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.warmup_steps",
+    "data.batch_size",
+    "trainer.max_steps",
+    "seed",
+)
+HPARAM_METRICS = ("final_val_loss", "best_val_loss", "final_val_perplexity", "final_train_loss", "num_parameters")
+
+
+def _log_hparams(trainer: L.Trainer, cfg: DictConfig, results: dict) -> None:
+    """Hyperparameters with the final metrics, so TensorBoard's HParams tab compares the runs of a sweep."""
+    params = {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
+    metrics = {f"hparams/{key}": results[key] for key in HPARAM_METRICS if results.get(key) is not None}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params, metrics)
+        logger.finalize("success")
 
 
 def sample_text(model: TransformerLanguageModel, tokenizer, sample: DictConfig) -> str:
