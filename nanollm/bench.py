@@ -71,6 +71,9 @@ class StepTimer:
         timer = self
 
         class _Callback(L.Callback):
+            def on_train_start(self, trainer, *args):
+                timer.t0 = time.perf_counter()
+
             def on_train_batch_end(self, trainer, *args):
                 if trainer.global_step == start:
                     timer.t0 = time.perf_counter()
@@ -208,12 +211,13 @@ def throughput_rows(data: Path, work: Path, presets: list[str], steps: int, roun
     return rows
 
 
-def reference_quality(data: Path, work: Path) -> dict:
+def reference_quality(data: Path, work: Path, steps: int) -> dict:
     """The reference config for its full 2000 steps, Lightning path against the bare loop, with validation."""
-    values = dict(REFERENCE, **{"trainer.val_check_interval": 500, "checkpoint_interval": 500})
+    interval = max(steps // 4, 1)
+    values = dict(REFERENCE, **{"trainer.max_steps": steps, "trainer.val_check_interval": interval, "checkpoint_interval": interval})
     bare = bare_loop(compose("nano", values, work / "ref-bare", data), warmup=0, evaluate=True)
     lit = lightning_run(compose("nano", values, work / "ref-lightning", data), warmup=0)
-    return {"lightning": lit, "bare": bare}
+    return {"lightning": lit, "bare": bare, "steps": steps}
 
 
 def generation_speed(preset: str = "medium", context: int = 256, new_tokens: int = 255) -> dict:
@@ -232,6 +236,7 @@ def generation_speed(preset: str = "medium", context: int = 256, new_tokens: int
             best = min(best, time.perf_counter() - start)
         result["cache" if use_cache else "no_cache"] = len(tokens) / best
     result["speedup"] = result["cache"] / result["no_cache"]
+    result["tokens"] = new_tokens
     return result
 
 
@@ -313,7 +318,7 @@ def markdown(report: dict) -> str:
         ref = report["reference"]
         lines += [
             "",
-            "### Reference config, full 2000 steps with validation every 500 steps",
+            f"### Reference config, {ref['steps']} steps with validation every {ref['steps'] // 4} steps",
             "",
             "| path | final val loss | wall-clock (s) |",
             "|---|---|---|",
@@ -323,7 +328,7 @@ def markdown(report: dict) -> str:
     gen = report["generation"]
     lines += [
         "",
-        "### Generation (medium preset at a 256-character context, 255 new characters)",
+        f"### Generation (medium preset at a 256-character context, {gen['tokens']} new characters from a 1-character prompt)",
         "",
         "| path | characters/s |",
         "|---|---|",
@@ -354,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", default="nano,small,medium")
     parser.add_argument("--corpus-mb", type=int, default=200, help="size of the generated corpus (0 skips)")
     parser.add_argument("--skip-reference", action="store_true", help="skip the full 2000-step reference run")
+    parser.add_argument("--reference-steps", type=int, default=2000, help="steps of the reference run")
+    parser.add_argument("--gen-tokens", type=int, default=255, help="characters generated per speed measurement")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     from nanollm.cli import quiet_lightning
@@ -367,11 +374,11 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m nanollm.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "rounds": args.rounds,
             "throughput": throughput_rows(args.data, work, args.presets.split(","), args.steps, args.rounds),
-            "generation": generation_speed(),
+            "generation": generation_speed(new_tokens=args.gen_tokens),
             "first_step_seconds": time_to_first_step(work),
         }
         if not args.skip_reference:
-            report["reference"] = reference_quality(args.data, work)
+            report["reference"] = reference_quality(args.data, work, args.reference_steps)
         if args.corpus_mb:
             report["data"] = data_preparation(work, args.corpus_mb)
     text = markdown(report)

@@ -60,7 +60,8 @@ def check_config_choices(argv: list[str], conf_dir: Path) -> None:
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
         group = key.lstrip("+~")
-        if not sep or "(" in value or not (conf_dir / group).is_dir():
+        # hydra/* groups also come from installed plugins (launchers, sweepers): Hydra checks those.
+        if not sep or "(" in value or group.startswith("hydra") or not (conf_dir / group).is_dir():
             continue
         for choice in value.split(","):  # a sweep lists several choices
             if choice and choice != "null" and not (conf_dir / group / f"{choice}.yaml").is_file():
@@ -91,7 +92,10 @@ def train_command(cfg: DictConfig) -> float | None:
     if cfg.run_dir is None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     results = run(cfg)
-    print(format_report(results))
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # under DDP every process returns here; one report is enough
+        print(format_report(results))
     if results["status"] == "interrupted":
         raise TrainingInterrupted(
             f"interrupted at step {results['global_step']}; saved {results['checkpoint_path']}. "

@@ -93,7 +93,8 @@ class LanguageModelModule(L.LightningModule):
     def _log_interval(self) -> None:
         self.check_finite()
         now = time.perf_counter()
-        mean_loss = self._loss_sum / self._interval_steps
+        # Averaged over processes under DDP (one collective per log interval, none per step).
+        mean_loss = self.trainer.strategy.reduce(self._loss_sum / self._interval_steps, reduce_op="mean")
         tokens = self._timed_steps * self._tokens_per_step()
         # "step" sets the x-axis: optimizer steps completed, rather than Lightning's zero-based batch index.
         self.log("step", float(self.global_step + 1))
@@ -149,9 +150,10 @@ class LanguageModelModule(L.LightningModule):
         loss_sum, tokens = self.all_gather(self._val_loss_sum).sum(), self.all_gather(self._val_tokens).sum()
         val_loss = loss_sum / tokens.clamp(min=1)
         perplexity = torch.exp(val_loss)
-        self.log("step", float(self.global_step))
-        self.log("val/loss", val_loss, prog_bar=False, sync_dist=False)
-        self.log("val/perplexity", perplexity, prog_bar=True, sync_dist=False)
+        # Already gathered above, so every process holds the same values.
+        self.log("step", float(self.global_step), rank_zero_only=True)
+        self.log("val/loss", val_loss, rank_zero_only=True)
+        self.log("val/perplexity", perplexity, prog_bar=True, rank_zero_only=True)
         self.val_history.append({"step": int(self.global_step), "val_loss": float(val_loss)})
 
     # ---- optimisation -------------------------------------------------------------------

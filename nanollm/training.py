@@ -42,6 +42,9 @@ warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` def
 warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated.*")
+# Validation metrics are all-gathered by the module itself before logging, so they agree on every rank.
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def run(
