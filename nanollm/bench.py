@@ -214,7 +214,10 @@ def throughput_rows(data: Path, work: Path, presets: list[str], steps: int, roun
 def reference_quality(data: Path, work: Path, steps: int) -> dict:
     """The reference config for its full 2000 steps, Lightning path against the bare loop, with validation."""
     interval = max(steps // 4, 1)
-    values = dict(REFERENCE, **{"trainer.max_steps": steps, "trainer.val_check_interval": interval, "checkpoint_interval": interval})
+    values = dict(
+        REFERENCE,
+        **{"trainer.max_steps": steps, "trainer.val_check_interval": interval, "checkpoint_interval": interval},
+    )
     bare = bare_loop(compose("nano", values, work / "ref-bare", data), warmup=0, evaluate=True)
     lit = lightning_run(compose("nano", values, work / "ref-lightning", data), warmup=0)
     return {"lightning": lit, "bare": bare, "steps": steps}

@@ -148,8 +148,8 @@ class TransformerLanguageModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.context_length:
             raise ValueError(f"Sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
-        positions = torch.arange(start, start + T, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (B, T, C)
+        positions = self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
+        x = self.dropout(self.token_embedding(idx) + positions)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:

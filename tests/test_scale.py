@@ -23,7 +23,9 @@ def test_ddp_on_cpu_with_two_processes_trains_checkpoints_from_rank_0_and_resume
     # Each of the 2 processes draws half of the global batch of 8.
     assert json.loads((tmp_path / "run" / "results.json").read_text())["tokens_seen"] == 20 * 8 * 32
 
-    resumed = run_script("train.py", [*train_args(tmp_path, *DDP, "trainer.max_steps=30"), "ckpt_path=last"], timeout=300)
+    resumed = run_script(
+        "train.py", [*train_args(tmp_path, *DDP, "trainer.max_steps=30"), "ckpt_path=last"], timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert read_results(tmp_path / "run")["global_step"] == 30
@@ -33,14 +35,18 @@ def test_gpu_precision_and_compile_flags_compose_and_run_on_cpu(tmp_path):
     # The GPU preset's precision on the CPU (bf16 autocast exists there too), compiled with torch.compile.
     cfg = compose_config(["trainer=gpu"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    args = train_args(tmp_path, "trainer.precision=bf16-mixed", "compile=true", "trainer.max_steps=4", "trainer.val_check_interval=4")
+    args = train_args(
+        tmp_path, "trainer.precision=bf16-mixed", "compile=true", "trainer.max_steps=4", "trainer.val_check_interval=4"
+    )
     result = run_script("train.py", args, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "precision bf16-mixed" in result.stdout
     results = read_results(tmp_path / "run")
     assert results["precision"] == "bf16-mixed" and results["final_val_loss"] < 4.2
     # Compiled in place: the checkpoint keys are those of the plain model, so generation loads it.
-    generated = run_script("generate.py", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "max_new_tokens=5"])
+    generated = run_script(
+        "generate.py", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "max_new_tokens=5"]
+    )
     assert generated.returncode == 0, generated.stderr
 
 
@@ -62,8 +68,15 @@ def test_fsdp_and_slurm_launcher_configs_compose():
 
 
 def test_optuna_search_minimises_the_validation_loss(tmp_path):
-    args = ["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *train_args(tmp_path)[:-3],
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10"]
+    args = [
+        "-m",
+        "hparams_search=lr_optuna",
+        "hydra.sweeper.n_trials=2",
+        *train_args(tmp_path)[:-3],
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=10",
+    ]
     result = run_script("train.py", args, timeout=300)
     assert result.returncode == 0, result.stderr
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()

@@ -34,7 +34,8 @@ def test_train_writes_checkpoints_tensorboard_and_results(trained_run):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(trained_run / "tensorboard")).Reload()
+    (events_dir,) = {p.parent for p in (trained_run / "tensorboard").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(events_dir)).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {
         "train/loss",
