@@ -114,15 +114,14 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
-def newest_good_checkpoint(directories: list[Path], warn=print) -> Path | None:
-    """The newest readable checkpoint among `directories`; damaged files are reported and skipped."""
+def newest_good_checkpoint(directories: list[Path], warn=print) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint among `directories` and its contents; damaged files are reported and skipped."""
     candidates = sorted(
         (p for d in directories for p in list_checkpoints(d)), key=lambda p: p.stat().st_mtime_ns, reverse=True
     )
     for path in candidates:
         try:
-            read_checkpoint(path)
-            return path
+            return path, read_checkpoint(path)
         except DamagedCheckpointError as err:
             warn(f"warning: {err} Falling back to an older checkpoint.")
         except NanoLLMError as err:
@@ -130,8 +129,10 @@ def newest_good_checkpoint(directories: list[Path], warn=print) -> Path | None:
     return None
 
 
-def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: Path | None, outputs_dir: Path) -> Path | None:
-    """Turn the user's `ckpt_path` into a checkpoint file (or None for a fresh run).
+def resolve_checkpoint(
+    ckpt_path: str | None, checkpoint_dir: Path | None, outputs_dir: Path
+) -> tuple[Path, dict] | None:
+    """Turn the user's `ckpt_path` into a checkpoint file and its loaded contents (None for a fresh run).
 
     `last` means the newest good checkpoint of this run's directory, else of the newest run
     under `outputs_dir`. Lightning's own `ckpt_path="last"` only looks in the current run,
@@ -140,9 +141,7 @@ def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: Path | None, outp
     if ckpt_path in (None, ""):
         return None
     if str(ckpt_path) != "last":
-        path = Path(ckpt_path)
-        read_checkpoint(path)
-        return path
+        return Path(ckpt_path), read_checkpoint(Path(ckpt_path))
     found = newest_good_checkpoint([checkpoint_dir]) if checkpoint_dir is not None else None
     if found is None and outputs_dir.is_dir():
         run_dirs = {p.parent for p in outputs_dir.rglob("*.ckpt")}
@@ -164,12 +163,12 @@ def architecture_mismatch(saved: dict, wanted: dict) -> list[str]:
     ]
 
 
-def model_from_checkpoint(path: str | Path, map_location: Any = "cpu"):
-    """Rebuild `(model, tokenizer, checkpoint)` from a checkpoint file alone, in eval mode."""
+def model_from_checkpoint(path: str | Path, checkpoint: dict | None = None):
+    """Rebuild `(model, tokenizer, checkpoint)` from a checkpoint file alone (or its already loaded contents)."""
     from nanollm.model import ModelConfig, TransformerLanguageModel
     from nanollm.tokenizer import CharTokenizer
 
-    checkpoint = read_checkpoint(path, map_location=map_location)
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     saved = checkpoint[NANOLLM_KEY]
     model = TransformerLanguageModel(ModelConfig(**saved["model"]))
     load_model_weights(model, checkpoint, path)

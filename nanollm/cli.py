@@ -124,7 +124,7 @@ def generate_command(cfg: DictConfig) -> None:
     """`python generate.py`: load a checkpoint alone and stream samples to stdout."""
     import torch
 
-    from nanollm.checkpointing import model_from_checkpoint, resolve_resume_path
+    from nanollm.checkpointing import model_from_checkpoint, resolve_checkpoint
     from nanollm.generation import check_sampling_args, generate_tokens, make_generator
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
@@ -134,13 +134,13 @@ def generate_command(cfg: DictConfig) -> None:
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise NanoLLMError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}.")
-    path = resolve_resume_path(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
+    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
     device = (
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    model, tokenizer, _ = model_from_checkpoint(path, map_location="cpu")
+    model, tokenizer, _ = model_from_checkpoint(path, checkpoint)
     if tokenizer is None:
         raise NanoLLMError(
             f"Checkpoint '{path}' has no vocabulary (it was trained on raw token ids); decode its ids yourself."

@@ -26,8 +26,7 @@ from nanollm.checkpointing import (
     architecture_mismatch,
     atomic_copy,
     list_checkpoints,
-    read_checkpoint,
-    resolve_resume_path,
+    resolve_checkpoint,
 )
 from nanollm.config import model_config_from, validate_config
 from nanollm.corpus import EncodedCorpus
@@ -83,9 +82,10 @@ def run(
             f"(vocab_size {model_config.vocab_size}); build the model with the tokenizer's vocab_size."
         )
 
-    resume_from = resolve_resume_path(cfg.ckpt_path, checkpoint_dir, Path(cfg.outputs_dir))
-    if resume_from is not None:
-        _check_resumable(resume_from, model_config.to_dict(), tokenizer)
+    found = resolve_checkpoint(cfg.ckpt_path, checkpoint_dir, Path(cfg.outputs_dir))
+    resume_from = found[0] if found else None
+    if found is not None:
+        _check_resumable(*found, model_config.to_dict(), tokenizer)
     elif list_checkpoints(checkpoint_dir):
         raise NanoLLMError(
             f"'{checkpoint_dir}' already holds checkpoints of another run; resume it with ckpt_path=last "
@@ -136,8 +136,8 @@ def run(
     return results
 
 
-def _check_resumable(path: Path, wanted_model: dict, tokenizer) -> None:
-    saved = read_checkpoint(path)[NANOLLM_KEY]
+def _check_resumable(path: Path, checkpoint: dict, wanted_model: dict, tokenizer) -> None:
+    saved = checkpoint[NANOLLM_KEY]
     mismatched = architecture_mismatch(saved["model"], wanted_model)
     if mismatched:
         raise NanoLLMError(
