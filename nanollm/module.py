@@ -43,11 +43,11 @@ class LanguageModelModule(L.LightningModule):
         self.seed = seed
         if compile:
             self.model.compile()  # in place: state-dict keys stay those of the plain model
+        self._interval_losses = torch.zeros(0)  # sized in on_train_start
         self._reset_interval()
         self.last_grad_norm: float | None = None
         self.last_train_loss: float | None = None
         self.val_history: list[dict] = []
-        self._first_bad_step = torch.tensor(-1)
         self.first_step_time: float | None = None  # wall clock at the end of this process's first step
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
@@ -64,12 +64,9 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        loss_value = loss.detach()
-        bad = ~torch.isfinite(loss_value)
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.global_step, self._first_bad_step)
-        self._loss_sum += loss_value
+        # One device write per step; the interval's mean and any non-finite step are read at log time.
+        self._interval_losses[self._interval_steps] = loss.detach()
         self._interval_steps += 1
-        self._timed_steps += 1
         if self._is_log_step():
             self._log_interval()
         return loss
@@ -87,15 +84,19 @@ class LanguageModelModule(L.LightningModule):
             self.last_grad_norm = float(norm)
 
     def _is_log_step(self) -> bool:
-        # Matches when Lightning writes logged values to the logger (its step + 1 convention).
-        return self._trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        # Matches when Lightning writes logged values to the logger (its step + 1 convention);
+        # the last step too, so the final loss and gradient norm are always measured.
+        if self._trainer is None:
+            return False
+        step = self.global_step + 1
+        return step % self.trainer.log_every_n_steps == 0 or step == self.trainer.max_steps
 
     def _log_interval(self) -> None:
         self.check_finite()
         now = time.perf_counter()
         # Averaged over processes under DDP (one collective per log interval, none per step).
-        mean_loss = self.trainer.strategy.reduce(self._loss_sum / self._interval_steps, reduce_op="mean")
-        tokens = self._timed_steps * self._tokens_per_step()
+        mean_loss = self.trainer.strategy.reduce(self._interval_losses[: self._interval_steps].mean(), reduce_op="mean")
+        tokens = (self._interval_steps - self._untimed_steps) * self._tokens_per_step()
         # "step" sets the x-axis: optimizer steps completed, rather than Lightning's zero-based batch index.
         self.log("step", float(self.global_step + 1))
         self.log("train/loss", mean_loss, prog_bar=True)
@@ -105,9 +106,9 @@ class LanguageModelModule(L.LightningModule):
         self._reset_interval(now)
 
     def _reset_interval(self, now: float | None = None) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
         self._interval_steps = 0
-        self._timed_steps = 0  # steps since the timer started (differs from the above right after a resume)
+        self._untimed_steps = 0  # steps of this interval run before a resume, outside the timer
+        self._interval_first_step = self.global_step + 1 if self._trainer is not None else 0
         self._interval_start = now if now is not None else time.perf_counter()
 
     def _tokens_per_step(self) -> int:
@@ -117,15 +118,18 @@ class LanguageModelModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._reset_interval()
         restored = getattr(self, "_restored_interval", None)
-        if restored:
-            self._loss_sum = restored["loss_sum"].to(self.device)
-            self._interval_steps = restored["steps"]
-        self._first_bad_step = self._first_bad_step.to(self.device)
+        losses = restored["losses"].to(self.device) if restored else torch.zeros(0, device=self.device)
+        size = max(self.trainer.log_every_n_steps, len(losses) + 1)
+        self._interval_losses = torch.zeros(size, device=self.device)
+        self._interval_losses[: len(losses)] = losses
+        self._interval_steps = self._untimed_steps = len(losses)
+        self._interval_first_step = self.global_step - len(losses)
 
     def check_finite(self) -> None:
-        """Raise (stopping training) if any step so far had a non-finite loss."""
-        step = int(self._first_bad_step)
-        if step >= 0:
+        """Raise (stopping training) if a step of the current interval had a non-finite loss."""
+        finite = torch.isfinite(self._interval_losses[: self._interval_steps])
+        if not bool(finite.all()):
+            step = self._interval_first_step + int((~finite).nonzero()[0])
             lr = self.optim["lr"]
             raise NonFiniteLossError(
                 f"Loss became NaN/Inf at step {step}; training stopped and no checkpoint of the diverged weights was saved. "
@@ -199,7 +203,7 @@ class LanguageModelModule(L.LightningModule):
             "grad_norm": self.last_grad_norm,
             "val_history": list(self.val_history),
             # The running mean of the current log interval, so a resumed run reports the same losses.
-            "interval": {"loss_sum": self._loss_sum.detach().cpu(), "steps": self._interval_steps},
+            "interval": {"losses": self._interval_losses[: self._interval_steps].cpu()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -95,3 +95,12 @@ def test_api_rejects_bad_input(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(NanoLLMError, match="damaged"):
         load_checkpoint(tmp_path / "x.ckpt", other)
+
+
+def test_final_loss_and_grad_norm_are_measured_when_steps_do_not_fill_a_log_interval(tmp_path):
+    tokenizer = CharTokenizer.from_text(SAMPLE.read_text(encoding="utf-8"))
+    model = runbook_model(tokenizer)
+    config = {"num_steps": 7, "checkpoint_dir": str(tmp_path), "checkpoint_interval": 5, "progress_bar": False}
+    result = train_with_config(model, tokenizer.encode(SAMPLE.read_text(encoding="utf-8")[:4000]), config)
+    assert result["global_step"] == 7  # the log interval is 10 steps
+    assert result["final_loss"] is not None and result["final_grad_norm"] is not None
