@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -62,25 +63,20 @@ def compose(preset: str, values: dict, run_dir: Path, data: Path):
     return cfg
 
 
-class StepTimer:
-    """Wall-clock between the end of step `start` and the end of the last step."""
+class StepTimer(L.Callback):
+    """Wall-clock between the end of step `start` (or the start of training) and the end of the last step."""
 
     def __init__(self, start: int):
-        import lightning as L
-
-        timer = self
-
-        class _Callback(L.Callback):
-            def on_train_start(self, trainer, *args):
-                timer.t0 = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step == start:
-                    timer.t0 = time.perf_counter()
-                timer.t1 = time.perf_counter()
-
-        self.callback = _Callback()
+        self.start = start
         self.t0 = self.t1 = None
+
+    def on_train_start(self, trainer, *args) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.start:
+            self.t0 = time.perf_counter()
+        self.t1 = time.perf_counter()
 
 
 def lightning_run(cfg, warmup: int) -> dict:
@@ -89,7 +85,7 @@ def lightning_run(cfg, warmup: int) -> dict:
 
     timer = StepTimer(warmup)
     started = time.perf_counter()
-    results = run(cfg, callbacks=[timer.callback], echo=lambda *_: None)
+    results = run(cfg, callbacks=[timer], echo=lambda *_: None)
     total = time.perf_counter() - started
     steps = cfg.trainer.max_steps - warmup
     return {
@@ -106,30 +102,15 @@ def bare_loop(cfg, warmup: int, evaluate: bool = False) -> dict:
     from nanollm.corpus import prepare_corpus
     from nanollm.data import RandomWindows, SequentialWindows
     from nanollm.model import TransformerLanguageModel
+    from nanollm.optim import build_optimizer
 
     torch.manual_seed(cfg.seed)
     corpus = prepare_corpus(cfg.data.path, cfg.data.cache_dir)
     split = int(len(corpus.tokens) * (1 - cfg.data.val_fraction))
     train, val = corpus.tokens[:split], corpus.tokens[split:]
     model = TransformerLanguageModel(model_config_from(cfg, corpus.tokenizer.vocab_size))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-    )
-    max_steps, warm = cfg.trainer.max_steps, min(cfg.optim.warmup_steps, cfg.trainer.max_steps - 1)
-    schedule = torch.optim.lr_scheduler.SequentialLR(
-        optimizer,
-        [
-            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / max(warm, 1), total_iters=max(warm, 1)),
-            torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, max_steps - warm, cfg.optim.lr * cfg.optim.min_lr_ratio
-            ),
-        ],
-        milestones=[max(warm, 1)],
-    )
+    optimizer, schedule = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
+    max_steps = cfg.trainer.max_steps
     batches = iter(RandomWindows(train, cfg.model.context_length, cfg.data.batch_size, cfg.seed, 0, 0))
     val_loss = None
     started = time.perf_counter()

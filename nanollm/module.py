@@ -11,6 +11,7 @@ import torch
 from nanollm.checkpointing import FORMAT_VERSION, NANOLLM_KEY
 from nanollm.errors import NanoLLMError
 from nanollm.model import ModelConfig, TransformerLanguageModel
+from nanollm.optim import build_optimizer
 from nanollm.tokenizer import CharTokenizer
 
 
@@ -162,27 +163,8 @@ class LanguageModelModule(L.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": self.optim["weight_decay"]},  # matrices and embeddings
-            {"params": no_decay, "weight_decay": 0.0},  # biases and LayerNorm gains
-        ]
-        fused = self.optim.get("fused") and self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]), fused=bool(fused) or None
-        )
-        max_steps = max(int(self.trainer.max_steps), 1)
-        warmup = min(int(self.optim["warmup_steps"]), max_steps - 1)
-        min_factor = float(self.optim["min_lr_ratio"])
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(max_steps - warmup, 1), eta_min=self.optim["lr"] * min_factor
-        )
-        if warmup > 0:
-            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
-            schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
-        else:
-            schedule = cosine
+        fused = bool(self.optim.get("fused")) and self.device.type == "cuda"
+        optimizer, schedule = build_optimizer(self.model, self.optim, self.trainer.max_steps, fused=fused)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------
