@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nanollm.errors import NanoLLMError
+from nanollm.generation import generate_text  # noqa: F401  (part of the runbook API)
 from nanollm.model import TransformerLanguageModel
 from nanollm.tokenizer import CharTokenizer
 
@@ -128,22 +129,3 @@ def load_model(path: str | Path) -> tuple[TransformerLanguageModel, CharTokenize
 
     model, tokenizer, _ = model_from_checkpoint(path)
     return model, tokenizer
-
-
-def generate_text(
-    model: TransformerLanguageModel,
-    tokenizer: CharTokenizer,
-    prompt: str,
-    max_length: int = 200,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-) -> str:
-    """The prompt followed by `max_length` sampled characters; the same seed gives the same text."""
-    from nanollm.generation import generate_tokens, make_generator
-
-    ids = generate_tokens(
-        model, tokenizer.encode(prompt), max_length, temperature, top_k, make_generator(seed), use_cache
-    )
-    return prompt + tokenizer.decode(list(ids))

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from nanollm.checkpointing import LAST_NAME
-from nanollm.generation import generate_tokens, make_generator
+from nanollm.generation import generate_text, usable_prompt
 
 
 class GracefulInterrupt(L.Callback):
@@ -84,15 +84,9 @@ class TextSamples(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.sanity_checking or tokenizer is None or not hasattr(experiment, "add_text"):
             return
-        prompt = "".join(c for c in self.prompt if c in tokenizer.stoi) or tokenizer.chars[0]
-        ids = generate_tokens(
-            pl_module.model,
-            tokenizer.encode(prompt),
-            self.max_new_tokens,
-            self.temperature,
-            self.top_k,
-            make_generator(0),
+        prompt = usable_prompt(tokenizer, self.prompt)
+        text = generate_text(
+            pl_module.model, tokenizer, prompt, self.max_new_tokens, self.temperature, self.top_k, seed=0
         )
-        text = prompt + tokenizer.decode(list(ids))
         # Markdown code block keeps line breaks and spacing as generated.
         experiment.add_text("samples/text", "```\n" + text + "\n```", global_step=trainer.global_step)

@@ -80,6 +80,34 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def generate_text(
+    model: TransformerLanguageModel,
+    tokenizer,
+    prompt: str,
+    max_length: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> str:
+    """The prompt followed by `max_length` sampled characters; the same seed gives the same text."""
+    ids = generate_tokens(
+        model,
+        tokenizer.encode(prompt, what="The prompt"),
+        max_length,
+        temperature,
+        top_k,
+        make_generator(seed),
+        use_cache,
+    )
+    return prompt + tokenizer.decode(list(ids))
+
+
+def usable_prompt(tokenizer, prompt: str) -> str:
+    """A configured sample prompt with characters outside the vocabulary dropped (never empty)."""
+    return "".join(c for c in prompt if c in tokenizer.stoi) or tokenizer.chars[0]
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     if seed is not None:

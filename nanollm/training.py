@@ -32,7 +32,7 @@ from nanollm.config import model_config_from, validate_config
 from nanollm.corpus import EncodedCorpus
 from nanollm.data import CharDataModule
 from nanollm.errors import NanoLLMError
-from nanollm.generation import generate_tokens, make_generator
+from nanollm.generation import generate_text, usable_prompt
 from nanollm.model import TransformerLanguageModel
 from nanollm.module import LanguageModelModule, perplexity
 
@@ -230,9 +230,7 @@ def _log_hparams(trainer: L.Trainer, cfg: DictConfig, results: dict) -> None:
 
 def sample_text(model: TransformerLanguageModel, tokenizer, sample: DictConfig) -> str:
     """The configured prompt (unknown characters dropped) and a sampled continuation."""
-    prompt = "".join(c for c in sample.prompt if c in tokenizer.stoi) or tokenizer.chars[0]
-    generator = make_generator(sample.get("seed", 0))
-    ids = generate_tokens(
-        model, tokenizer.encode(prompt), sample.max_new_tokens, sample.temperature, sample.top_k, generator
+    prompt = usable_prompt(tokenizer, sample.prompt)
+    return generate_text(
+        model, tokenizer, prompt, sample.max_new_tokens, sample.temperature, sample.top_k, sample.get("seed", 0)
     )
-    return prompt + tokenizer.decode(list(ids))
