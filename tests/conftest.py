@@ -30,6 +30,9 @@ TINY = [
     "sample.max_new_tokens=20",
 ]
 
+# The scalars every training run writes to TensorBoard.
+LOGGED_SCALARS = {"train/loss", "val/loss", "val/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_second"}
+
 
 def run_script(
     script: str, args: list[str], cwd: Path = ROOT, timeout: int = 180, **kwargs
