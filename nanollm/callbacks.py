@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from nanollm.checkpointing import LAST_NAME
 from nanollm.generation import generate_text, usable_prompt
@@ -90,3 +91,11 @@ class TextSamples(L.Callback):
         )
         # Markdown code block keeps line breaks and spacing as generated.
         experiment.add_text("samples/text", "```\n" + text + "\n```", global_step=trainer.global_step)
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, showing the train loss and tokens/s of the last log interval."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        # The module hands training scalars to the loggers directly, so they are not in progress_bar_metrics.
+        return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "progress_metrics", {})}

@@ -56,6 +56,12 @@ class KVCache:
         self.capacity = config.context_length
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # A plain function rather than nn.Dropout modules: when it does nothing (eval, or p == 0) it costs
+    # nothing, which matters when generation runs one token at a time.
+    return F.dropout(x, p, training=True) if training and p > 0 else x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -63,12 +69,11 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.embedding_dim, 3 * config.embedding_dim)
         self.proj = nn.Linear(config.embedding_dim, config.embedding_dim)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        # (B, T, 3C) -> three (B, H, T, D) views, in as few operations as possible (decoding is per-op bound).
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         causal = True
         if cache is not None:
             start = cache.length
@@ -77,11 +82,12 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.keys[layer][:, :, : start + T], cache.values[layer][:, :, : start + T]
             # A single new token may attend to everything cached; a prefill (start == 0) is plain causal.
             causal = start == 0
-        dropout = self.dropout if self.training else 0.0
         # SDPA picks flash / memory-efficient kernels where the hardware has them.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal and T > 1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and T > 1
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return dropout(self.proj(y), self.dropout, self.training)
 
 
 class FeedForward(nn.Module):
@@ -89,10 +95,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc = nn.Linear(config.embedding_dim, config.ffn_hidden_dim)
         self.proj = nn.Linear(config.ffn_hidden_dim, config.embedding_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -117,7 +123,6 @@ class TransformerLanguageModel(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
         self.position_embedding = nn.Embedding(config.context_length, config.embedding_dim)
-        self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.embedding_dim)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
@@ -149,7 +154,7 @@ class TransformerLanguageModel(nn.Module):
         if start + T > self.config.context_length:
             raise ValueError(f"Sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
         positions = self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
-        x = self.dropout(self.token_embedding(idx) + positions)  # (B, T, C)
+        x = dropout(self.token_embedding(idx) + positions, self.config.dropout, self.training)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:

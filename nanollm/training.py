@@ -14,10 +14,9 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from nanollm.callbacks import GracefulInterrupt
+from nanollm.callbacks import GracefulInterrupt, TrainingProgressBar
 from nanollm.checkpointing import (
     FINAL_NAME,
     LAST_NAME,
@@ -108,7 +107,7 @@ def run(
     if cfg.trainer.get("enable_progress_bar", True):
         # tqdm, explicitly: Lightning picks its Rich bar when `rich` is installed, which shows "Epoch 0/-2"
         # for step-based training. Redrawn on the logging interval, when the shown metrics change.
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
+        callbacks.append(TrainingProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()], _convert_="partial"

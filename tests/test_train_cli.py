@@ -42,6 +42,23 @@ def test_train_writes_checkpoints_tensorboard_and_results(trained_run):
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
 
 
+def test_checkpoints_are_named_by_their_step_with_uneven_intervals_and_accumulation(tmp_path):
+    # Checkpoint and log intervals that do not divide each other, and two batches per optimizer step.
+    args = ["trainer.max_steps=14", "checkpoint_interval=7", "trainer.log_every_n_steps=4"]
+    result = run_script("train.py", train_args(tmp_path, *args, "trainer.accumulate_grad_batches=2"))
+    assert result.returncode == 0, result.stderr
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (7, 14):
+        saved = torch.load(checkpoints / f"checkpoint_step_{step}.ckpt", weights_only=True)
+        assert saved["global_step"] == step
+        assert saved["CharDataModule"]["batches_served"] == 2 * step  # where a resumed run picks up the data
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_dir,) = {p.parent for p in (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(events_dir)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12, 14]
+
+
 def test_train_prints_summary_losses_checkpoint_and_sample(tmp_path):
     result = run_script("train.py", train_args(tmp_path, "sample.prompt='The '"))
     assert result.returncode == 0, result.stderr
