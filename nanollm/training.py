@@ -110,7 +110,12 @@ def run(
         callbacks.append(TrainingProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()], _convert_="partial"
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[SafeCheckpointIO()],
+        val_check_interval=_val_check_batches(cfg.trainer),
+        _convert_="partial",
     )
 
     if trainer.is_global_zero:
@@ -133,6 +138,14 @@ def run(
             results["sample"] = sample_text(module.model, tokenizer, cfg.sample)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _val_check_batches(trainer_cfg: DictConfig):
+    # Lightning counts val_check_interval in batches; ours is in optimizer steps, like every other interval.
+    interval = trainer_cfg.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        return interval * int(trainer_cfg.get("accumulate_grad_batches") or 1)
+    return interval
 
 
 def _check_resumable(path: Path, checkpoint: dict, wanted_model: dict, tokenizer) -> None:

@@ -44,7 +44,12 @@ def test_train_writes_checkpoints_tensorboard_and_results(trained_run):
 
 def test_checkpoints_are_named_by_their_step_with_uneven_intervals_and_accumulation(tmp_path):
     # Checkpoint and log intervals that do not divide each other, and two batches per optimizer step.
-    args = ["trainer.max_steps=14", "checkpoint_interval=7", "trainer.log_every_n_steps=4"]
+    args = [
+        "trainer.max_steps=14",
+        "checkpoint_interval=7",
+        "trainer.log_every_n_steps=4",
+        "trainer.val_check_interval=5",
+    ]
     result = run_script("train.py", train_args(tmp_path, *args, "trainer.accumulate_grad_batches=2"))
     assert result.returncode == 0, result.stderr
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -57,6 +62,7 @@ def test_checkpoints_are_named_by_their_step_with_uneven_intervals_and_accumulat
     (events_dir,) = {p.parent for p in (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")}
     events = EventAccumulator(str(events_dir)).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12, 14]
+    assert [e.step for e in events.Scalars("val/loss")] == [5, 10, 14]  # intervals count optimizer steps
 
 
 def test_train_prints_summary_losses_checkpoint_and_sample(tmp_path):
