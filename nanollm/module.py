@@ -113,13 +113,17 @@ class LanguageModelModule(L.LightningModule):
         # Already reduced over the interval, so they go straight to the loggers, as Lightning's own
         # LearningRateMonitor does: self.log would add ~0.6 ms of metric bookkeeping per value (measured).
         # The step is the number of optimizer steps completed once this one is taken.
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step + 1)
+        self._to_loggers(metrics, step=self.global_step + 1)
         self.progress_metrics = {
             "loss": f"{self.last_train_loss:.4f}",
             "tokens/s": f"{metrics['train/tokens_per_second']:,.0f}",
         }
         self._reset_interval(now)
+
+    def _to_loggers(self, metrics: dict[str, float], step: int) -> None:
+        # Lightning's loggers write on rank 0 only.
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _reset_interval(self, now: float | None = None) -> None:
         self._interval_steps = 0
@@ -178,10 +182,7 @@ class LanguageModelModule(L.LightningModule):
         # fills `{step}` from callback_metrics.
         self.log("val/loss", val_loss, logger=False, rank_zero_only=True)
         self.log("val/perplexity", perplexity, prog_bar=True, logger=False, rank_zero_only=True)
-        for logger in self.loggers:
-            logger.log_metrics(
-                {"val/loss": float(val_loss), "val/perplexity": float(perplexity)}, step=self.global_step
-            )
+        self._to_loggers({"val/loss": float(val_loss), "val/perplexity": float(perplexity)}, step=self.global_step)
         self.val_history.append({"step": int(self.global_step), "val_loss": float(val_loss)})
 
     # ---- optimisation -------------------------------------------------------------------
