@@ -170,7 +170,7 @@ def model_from_checkpoint(path: str | Path, checkpoint: dict | None = None):
 
     checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     saved = checkpoint[NANOLLM_KEY]
-    model = TransformerLanguageModel(ModelConfig(**saved["model"]))
+    model = TransformerLanguageModel(ModelConfig.from_saved(saved["model"]))
     load_model_weights(model, checkpoint, path)
     tokenizer = CharTokenizer.from_dict(saved["tokenizer"]) if saved.get("tokenizer") else None
     return model.eval(), tokenizer, checkpoint

@@ -8,7 +8,15 @@ from omegaconf.errors import OmegaConfBaseException
 from nanollm.errors import NanoLLMError
 from nanollm.model import ModelConfig
 
-MODEL_KEYS = ("embedding_dim", "num_layers", "num_heads", "ffn_hidden_dim", "context_length", "dropout")
+MODEL_KEYS = (
+    "embedding_dim",
+    "num_layers",
+    "num_heads",
+    "ffn_hidden_dim",
+    "context_length",
+    "dropout",
+    "position_encoding",
+)
 
 
 def _get(cfg: DictConfig, key: str):

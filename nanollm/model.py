@@ -1,8 +1,8 @@
 """A GPT-style character Transformer in plain PyTorch (no Lightning, no Hydra).
 
-Pre-norm blocks of causal self-attention and a feed-forward network, learned position
-embeddings, and an LM head tied to the token embedding. An optional KV cache makes
-generation cost O(T) per new token instead of O(T^2).
+Pre-norm blocks of causal self-attention and a feed-forward network, rotary position
+embeddings (RoPE; learned absolute positions as an option), and an LM head tied to the token
+embedding. An optional KV cache makes generation cost O(T) per new token instead of O(T^2).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from nanollm.errors import NanoLLMError
 
 
+POSITION_ENCODINGS = ("rope", "learned")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -26,6 +29,8 @@ class ModelConfig:
     ffn_hidden_dim: int = 64
     context_length: int = 64
     dropout: float = 0.0
+    # "rope": rotary embeddings on queries and keys; "learned": a trained vector per position, added to the input.
+    position_encoding: str = "rope"
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "embedding_dim", "num_layers", "num_heads", "ffn_hidden_dim", "context_length"):
@@ -39,6 +44,20 @@ class ModelConfig:
             )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise NanoLLMError(f"model.dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise NanoLLMError(
+                f"model.position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, got {self.position_encoding!r}."
+            )
+        if self.position_encoding == "rope" and (self.embedding_dim // self.num_heads) % 2:
+            raise NanoLLMError(
+                f"model.position_encoding=rope needs an even head size, but embedding_dim / num_heads = "
+                f"{self.embedding_dim // self.num_heads}; change model.num_heads or use model.position_encoding=learned."
+            )
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "ModelConfig":
+        """The config stored in a checkpoint; those written before RoPE have no key and used learned positions."""
+        return cls(**{"position_encoding": "learned", **saved})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +75,19 @@ class KVCache:
         self.capacity = config.context_length
 
 
+def rotary_tables(context_length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin, (context_length, head_dim), for rotating dimension i with i + head_dim/2."""
+    inverse_frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inverse_frequencies)
+    return angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), dim=1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rolling by half a head swaps the halves, and the sign
+    # lives in `sin`, so the rotation is three ops (decoding one token is per-op bound).
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     # A plain function rather than nn.Dropout modules: when it does nothing (eval, or p == 0) it costs
     # nothing, which matters when generation runs one token at a time.
@@ -70,10 +102,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.embedding_dim, config.embedding_dim)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        # (B, T, 3C) -> three (B, H, T, D) views, in as few operations as possible (decoding is per-op bound).
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, T, 3C) -> (3, B, H, T, D), in as few operations as possible (decoding is per-op bound).
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rotary is None:
+            q, k, v = qkv.unbind(0)
+        else:  # queries and keys are rotated together, as one (2, B, H, T, D) tensor
+            cos, sin = (table.to(qkv.dtype) for table in rotary)  # bf16 under autocast; a no-op otherwise
+            q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
+            v = qkv[2]
         causal = True
         if cache is not None:
             start = cache.length
@@ -98,7 +138,7 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
+        return dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -109,8 +149,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.embedding_dim)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer, rotary)
         return x + self.ffn(self.norm2(x))
 
 
@@ -122,7 +164,13 @@ class TransformerLanguageModel(nn.Module):
         config = config or ModelConfig(**kwargs)
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        self.position_embedding = nn.Embedding(config.context_length, config.embedding_dim)
+        self.position_embedding = None
+        if config.position_encoding == "learned":
+            self.position_embedding = nn.Embedding(config.context_length, config.embedding_dim)
+        else:  # buffers, so they follow .to(device); not saved, since they are recomputed from the config
+            cos, sin = rotary_tables(config.context_length, config.embedding_dim // config.num_heads)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.embedding_dim)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
@@ -144,7 +192,9 @@ class TransformerLanguageModel(nn.Module):
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
         """Number of trainable parameters (the tied head is counted once)."""
         total = sum(p.numel() for p in self.parameters())
-        return total - self.position_embedding.weight.numel() if exclude_position_embedding else total
+        if exclude_position_embedding and self.position_embedding is not None:
+            total -= self.position_embedding.weight.numel()
+        return total
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
@@ -153,10 +203,15 @@ class TransformerLanguageModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.context_length:
             raise ValueError(f"Sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
-        positions = self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
-        x = dropout(self.token_embedding(idx) + positions, self.config.dropout, self.training)  # (B, T, C)
+        x = self.token_embedding(idx)  # (B, T, C)
+        rotary = None
+        if self.position_embedding is not None:
+            x = x + self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
+        else:
+            rotary = (self.rotary_cos[start : start + T], self.rotary_sin[start : start + T])
+        x = dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rotary)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)

@@ -32,7 +32,7 @@ from nanollm.corpus import EncodedCorpus
 from nanollm.data import CharDataModule
 from nanollm.errors import NanoLLMError
 from nanollm.generation import generate_text, usable_prompt
-from nanollm.model import TransformerLanguageModel
+from nanollm.model import ModelConfig, TransformerLanguageModel
 from nanollm.module import LanguageModelModule, perplexity
 
 # Our batches come from vectorised indexing into a memmap; worker processes would only add IPC.
@@ -150,7 +150,7 @@ def _val_check_batches(trainer_cfg: DictConfig):
 
 def _check_resumable(path: Path, checkpoint: dict, wanted_model: dict, tokenizer) -> None:
     saved = checkpoint[NANOLLM_KEY]
-    mismatched = architecture_mismatch(saved["model"], wanted_model)
+    mismatched = architecture_mismatch(ModelConfig.from_saved(saved["model"]).to_dict(), wanted_model)
     if mismatched:
         raise NanoLLMError(
             f"Checkpoint '{path}' has a different architecture than the config: {', '.join(mismatched)}. "

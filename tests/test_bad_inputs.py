@@ -52,6 +52,11 @@ TRAIN_CASES = {
     "zero context": (["model.context_length=0"], ["model.context_length"]),
     "dropout 1": (["model.dropout=1.0"], ["model.dropout", "[0, 1)"]),
     "negative dropout": (["model.dropout=-0.1"], ["model.dropout"]),
+    "unknown position encoding": (["model.position_encoding=alibi"], ["model.position_encoding", "rope, learned"]),
+    "odd head size with rope": (
+        ["model.embedding_dim=18", "model.num_heads=2"],
+        ["even head size", "model.position_encoding=learned"],
+    ),
     "zero learning rate": (["optim.lr=0"], ["optim.lr", "> 0"]),
     "negative learning rate": (["optim.lr=-0.001"], ["optim.lr"]),
     "zero batch": (["data.batch_size=0"], ["data.batch_size", ">= 1"]),

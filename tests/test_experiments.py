@@ -64,7 +64,7 @@ def test_experiment_sweep_writes_runs_results_report_and_plots(context_sweep):
         assert entry["num_parameters"] > 0 and entry["training_time_seconds"] > 0
         assert entry["results"]["final_val_loss"] > 0 and entry["results"]["final_val_perplexity"] > 1
     summary = json.loads((context_sweep / "summary.json").read_text())
-    assert summary["power_law"] is not None  # position embeddings make the sizes differ
+    assert summary["power_law"] is None  # RoPE: every context length has the same parameters, nothing to fit
     assert "model.context_length=256" in (context_sweep / "summary.md").read_text()
 
 
@@ -80,6 +80,15 @@ def test_tensorboard_events_hold_scalars_text_samples_and_hparams(context_sweep)
     assert sample.startswith("```\nThe ")
     assert set(events.PluginTagToContent("hparams")) >= {"_hparams_/experiment", "_hparams_/session_start_info"}
     assert "hparams/final_val_loss" in events.Tags()["scalars"]
+
+
+def test_power_law_fit_recovers_a_known_law_and_needs_two_sizes():
+    from nanollm.report import fit_power_law
+
+    runs = [{"status": "completed", "num_parameters": n, "final_val_loss": 3.0 * n**-0.1} for n in (1e4, 1e5, 1e6)]
+    fit = fit_power_law([*runs, {"status": "failed", "num_parameters": 10, "final_val_loss": None}])
+    assert abs(fit["coefficient"] - 3.0) < 1e-6 and abs(fit["exponent"] + 0.1) < 1e-9
+    assert fit_power_law([runs[0], {**runs[0], "final_val_loss": 2.0}]) is None
 
 
 def test_a_failing_run_is_reported_and_does_not_stop_the_sweep(tmp_path):

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from nanollm import ModelConfig, TransformerLanguageModel
+from nanollm import ModelConfig, NanoLLMError, TransformerLanguageModel
 
 
 def tiny_model(**overrides) -> TransformerLanguageModel:
@@ -31,8 +32,9 @@ def test_changing_a_later_token_never_changes_earlier_logits():
     assert not torch.allclose(before[0, 10:], after[0, 10:])
 
 
-def test_head_is_tied_and_parameters_counted_once():
-    model = tiny_model()
+@pytest.mark.parametrize("position_encoding", ["rope", "learned"])
+def test_head_is_tied_and_parameters_counted_once(position_encoding):
+    model = tiny_model(position_encoding=position_encoding)
     assert model.lm_head.weight is model.token_embedding.weight
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     assert model.num_parameters() == expected_parameters(model.config)
@@ -43,12 +45,52 @@ def expected_parameters(c: ModelConfig) -> int:
     per_block = 4 * c.embedding_dim * c.embedding_dim + 4 * c.embedding_dim  # qkv + proj
     per_block += 2 * c.embedding_dim * c.ffn_hidden_dim + c.ffn_hidden_dim + c.embedding_dim  # ffn
     per_block += 4 * c.embedding_dim  # two LayerNorms
-    return (c.vocab_size + c.context_length) * c.embedding_dim + c.num_layers * per_block + 2 * c.embedding_dim
+    positions = c.context_length * c.embedding_dim if c.position_encoding == "learned" else 0  # RoPE has none
+    return c.vocab_size * c.embedding_dim + positions + c.num_layers * per_block + 2 * c.embedding_dim
 
 
-def test_kv_cache_gives_the_same_logits_as_a_full_pass():
+def test_rope_scores_depend_on_relative_positions_only():
+    from nanollm.model import apply_rotary, rotary_tables
+
     torch.manual_seed(0)
-    model = tiny_model().eval()
+    cos, sin = rotary_tables(context_length=40, head_dim=8)
+    q, k = torch.randn(8), torch.randn(8)
+    score = lambda i, j: apply_rotary(q, cos[i], sin[i]) @ apply_rotary(k, cos[j], sin[j])  # noqa: E731
+    assert torch.allclose(score(7, 3), score(30, 26), atol=1e-5)  # same distance, same score
+    assert not torch.allclose(score(7, 3), score(7, 5), atol=1e-3)
+    assert torch.allclose(apply_rotary(q, cos[9], sin[9]).norm(), q.norm(), atol=1e-5)  # a rotation
+
+
+def test_rotary_tables_are_not_saved_and_follow_the_model_dtype():
+    model = tiny_model()
+    assert not any("rotary" in key or "position" in key for key in model.state_dict())
+    logits, _ = model.to(torch.float64)(torch.randint(0, 11, (1, 5)))
+    assert logits.dtype == torch.float64
+
+
+def test_config_saved_before_rope_loads_as_learned_positions():
+    saved = dict(vocab_size=11, embedding_dim=16, num_layers=2, num_heads=2, ffn_hidden_dim=32, context_length=16)
+    assert ModelConfig.from_saved(saved).position_encoding == "learned"
+    assert ModelConfig.from_saved({**saved, "position_encoding": "rope"}).position_encoding == "rope"
+    assert ModelConfig(**saved).position_encoding == "rope"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(position_encoding="alibi"), "model.position_encoding must be one of rope, learned"),
+        (dict(embedding_dim=18, num_heads=6), "needs an even head size"),
+    ],
+)
+def test_bad_position_encoding_settings_are_named(overrides, message):
+    with pytest.raises(NanoLLMError, match=message):
+        tiny_model(**overrides)
+
+
+@pytest.mark.parametrize("position_encoding", ["rope", "learned"])
+def test_kv_cache_gives_the_same_logits_as_a_full_pass(position_encoding):
+    torch.manual_seed(0)
+    model = tiny_model(position_encoding=position_encoding).eval()
     idx = torch.randint(0, 11, (1, 12))
     full, _ = model(idx)
     cache = model.new_cache()

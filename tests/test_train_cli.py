@@ -116,3 +116,27 @@ def test_presets_compose_and_report_their_parameter_counts(preset, dims):
     assert cfg.optim.lr == cfg.model.recommended_lr and cfg.trainer.max_steps == cfg.model.recommended_steps
     model = TransformerLanguageModel(model_config_from(cfg, vocab_size=65))
     assert model.num_parameters() == expected_parameters(model.config)
+
+
+def test_a_checkpoint_from_before_rope_generates_and_resumes_with_learned_positions(tmp_path):
+    trained = run_script("train.py", train_args(tmp_path, "model.position_encoding=learned", "trainer.max_steps=10"))
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    # Checkpoints written before RoPE existed have no position_encoding key.
+    del checkpoint["nanollm"]["model"]["position_encoding"]
+    del checkpoint["hyper_parameters"]["model_config"]["position_encoding"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+
+    texts = [
+        run_script("generate.py", [f"ckpt_path={old}", "seed=2", "max_new_tokens=40", f"use_cache={cache}"])
+        for cache in ("true", "false")
+    ]
+    assert texts[0].returncode == 0, texts[0].stderr
+    assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > 40
+
+    with_rope = run_script("train.py", train_args(tmp_path, f"ckpt_path={old}", run="rope"))
+    assert_user_error(with_rope, "model.position_encoding (checkpoint 'learned', config 'rope')")
+    resumed = run_script("train.py", train_args(tmp_path, f"ckpt_path={old}", "model.position_encoding=learned", run="ok"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_results(tmp_path / "ok")["global_step"] == 20
