@@ -75,17 +75,24 @@ class KVCache:
         self.capacity = config.context_length
 
 
-def rotary_tables(context_length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin, (context_length, head_dim), for rotating dimension i with i + head_dim/2."""
+def rotary_table(context_length: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(context_length, head_dim / 2, 2): cos and sin of the angle by which each position turns each pair.
+
+    Stored as real numbers: `module.to(dtype)` would drop the imaginary part of a complex buffer.
+    """
     inverse_frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inverse_frequencies)
-    return angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), dim=1)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rolling by half a head swaps the halves, and the sign
-    # lives in `sin`, so the rotation is three ops (decoding one token is per-op bound).
-    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Turn each pair of dimensions (2i, 2i+1) of `x` (..., T, D) by its angle: one complex multiply.
+
+    `rotation` is complex, (T, D / 2). One kernel forward and one backward, where the real-valued
+    form needs five (this is ~20% of a nano training step otherwise).
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # bf16 has no complex type
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -103,17 +110,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: torch.Tensor | None = None
     ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, H, T, D), in as few operations as possible (decoding is per-op bound).
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if rotary is None:
             q, k, v = qkv.unbind(0)
-        else:  # queries and keys are rotated together, as one (2, B, H, T, D) tensor
-            cos, sin = (table.to(qkv.dtype) for table in rotary)  # bf16 under autocast; a no-op otherwise
-            q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
-            v = qkv[2]
+        else:  # q, k and v in one multiply; v's angles are 0 (slicing q and k out costs more in backward)
+            q, k, v = apply_rotary(qkv, rotary).unbind(0)
         causal = True
         if cache is not None:
             start = cache.length
@@ -138,6 +143,8 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's tanh GELU: on a CPU the exact (erf) form costs ~4x more per call on the small vectors
+        # of one-token decoding, with no measurable difference in training speed.
         return dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")), self.dropout, self.training)
 
 
@@ -150,7 +157,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: torch.Tensor | None = None
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, layer, rotary)
         return x + self.ffn(self.norm2(x))
@@ -167,10 +174,12 @@ class TransformerLanguageModel(nn.Module):
         self.position_embedding = None
         if config.position_encoding == "learned":
             self.position_embedding = nn.Embedding(config.context_length, config.embedding_dim)
-        else:  # buffers, so they follow .to(device); not saved, since they are recomputed from the config
-            cos, sin = rotary_tables(config.context_length, config.embedding_dim // config.num_heads)
-            self.register_buffer("rotary_cos", cos, persistent=False)
-            self.register_buffer("rotary_sin", sin, persistent=False)
+        else:  # a buffer, so it follows .to(device); not saved, since it is recomputed from the config
+            table = rotary_table(config.context_length, config.embedding_dim // config.num_heads)
+            unturned = torch.stack((torch.ones_like(table[..., 0]), torch.zeros_like(table[..., 1])), dim=-1)
+            # (3, 1, 1, T, D/2, 2): broadcasts over the (3, B, H, T, D/2) pairs of q, k, v.
+            table = torch.stack((table, table, unturned))[:, None, None]
+            self.register_buffer("rotary_table", table, persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.embedding_dim)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
@@ -208,7 +217,7 @@ class TransformerLanguageModel(nn.Module):
         if self.position_embedding is not None:
             x = x + self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
         else:
-            rotary = (self.rotary_cos[start : start + T], self.rotary_sin[start : start + T])
+            rotary = torch.view_as_complex(self.rotary_table[:, :, :, start : start + T].float())
         x = dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, rotary)

@@ -50,15 +50,16 @@ def expected_parameters(c: ModelConfig) -> int:
 
 
 def test_rope_scores_depend_on_relative_positions_only():
-    from nanollm.model import apply_rotary, rotary_tables
+    from nanollm.model import apply_rotary, rotary_table
 
     torch.manual_seed(0)
-    cos, sin = rotary_tables(context_length=40, head_dim=8)
+    rotation = torch.view_as_complex(rotary_table(context_length=40, head_dim=8))
     q, k = torch.randn(8), torch.randn(8)
-    score = lambda i, j: apply_rotary(q, cos[i], sin[i]) @ apply_rotary(k, cos[j], sin[j])  # noqa: E731
+    score = lambda i, j: apply_rotary(q, rotation[i]) @ apply_rotary(k, rotation[j])  # noqa: E731
     assert torch.allclose(score(7, 3), score(30, 26), atol=1e-5)  # same distance, same score
     assert not torch.allclose(score(7, 3), score(7, 5), atol=1e-3)
-    assert torch.allclose(apply_rotary(q, cos[9], sin[9]).norm(), q.norm(), atol=1e-5)  # a rotation
+    assert torch.allclose(apply_rotary(q, rotation[9]).norm(), q.norm(), atol=1e-5)  # a rotation
+    assert torch.equal(apply_rotary(q, rotation[0]), q)  # position 0 is not turned
 
 
 def test_rotary_tables_are_not_saved_and_follow_the_model_dtype():
