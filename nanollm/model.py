@@ -88,8 +88,9 @@ def rotary_table(context_length: int, head_dim: int, base: float = 10000.0) -> t
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Turn each pair of dimensions (2i, 2i+1) of `x` (..., T, D) by its angle: one complex multiply.
 
-    `rotation` is complex, (T, D / 2). One kernel forward and one backward, where the real-valued
-    form needs five (this is ~20% of a nano training step otherwise).
+    `rotation` is complex and broadcasts against the (..., T, D / 2) pairs. One kernel forward and one
+    backward: with the real-valued rotate-half form (five kernels) a nano training step took 19%
+    longer than with learned positions, with this one 4%.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # bf16 has no complex type
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
