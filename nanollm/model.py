@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from nanollm.errors import NanoLLMError
 
-
 POSITION_ENCODINGS = ("rope", "learned")
 
 
@@ -55,7 +54,7 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_saved(cls, saved: dict) -> "ModelConfig":
+    def from_saved(cls, saved: dict) -> ModelConfig:
         """The config stored in a checkpoint; those written before RoPE have no key and used learned positions."""
         return cls(**{"position_encoding": "learned", **saved})
 

@@ -137,6 +137,8 @@ def test_a_checkpoint_from_before_rope_generates_and_resumes_with_learned_positi
 
     with_rope = run_script("train.py", train_args(tmp_path, f"ckpt_path={old}", run="rope"))
     assert_user_error(with_rope, "model.position_encoding (checkpoint 'learned', config 'rope')")
-    resumed = run_script("train.py", train_args(tmp_path, f"ckpt_path={old}", "model.position_encoding=learned", run="ok"))
+    resumed = run_script(
+        "train.py", train_args(tmp_path, f"ckpt_path={old}", "model.position_encoding=learned", run="ok")
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert read_results(tmp_path / "ok")["global_step"] == 20
