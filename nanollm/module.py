@@ -37,6 +37,7 @@ class LanguageModelModule(L.LightningModule):
         # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
         # logger=False: the HParams tab gets these at the end of training, together with the final metrics.
         self.save_hyperparameters(ignore=["model", "run_config", "tokenizer"], logger=False)
+        # from_saved: load_from_checkpoint passes the saved hparams, which predate RoPE in old checkpoints.
         self.model = model if model is not None else TransformerLanguageModel(ModelConfig.from_saved(model_config))
         self.tokenizer = CharTokenizer.from_dict(tokenizer) if tokenizer else None
         self.run_config = run_config or {}
