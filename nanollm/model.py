@@ -176,7 +176,7 @@ class TransformerLanguageModel(nn.Module):
             self.position_embedding = nn.Embedding(config.context_length, config.embedding_dim)
         else:  # a buffer, so it follows .to(device); not saved, since it is recomputed from the config
             table = rotary_table(config.context_length, config.embedding_dim // config.num_heads)
-            unturned = torch.stack((torch.ones_like(table[..., 0]), torch.zeros_like(table[..., 1])), dim=-1)
+            unturned = torch.tensor([1.0, 0.0]).expand_as(table)  # cos 0, sin 0: values keep their place
             # (3, 1, 1, T, D/2, 2): broadcasts over the (3, B, H, T, D/2) pairs of q, k, v.
             table = torch.stack((table, table, unturned))[:, None, None]
             self.register_buffer("rotary_table", table, persistent=False)
