@@ -287,6 +287,59 @@ def time_to_first_step(work: Path) -> float:
     return json.loads((run_dir / "results.json").read_text())["first_step_unix_time"] - start
 
 
+def large_corpus_start(work: Path, gigabytes: float) -> dict:
+    """First preparation of a generated directory corpus, then a second train.py start: time to first step, peak memory.
+
+    The second start should stat the files and map the cached encoding, not read the corpus.
+    """
+    from nanollm.corpus import SETTLE_NS, prepare_corpus
+
+    corpus, cache, run_dir = work / "large-corpus", work / "large-corpus-cache", work / "large-corpus-run"
+    corpus.mkdir()
+    make_corpus(corpus / "part-0000.txt", max(1, min(64, round(gigabytes * 1000))))
+    base = (corpus / "part-0000.txt").read_bytes()
+    view = memoryview(base)  # slices without copies
+    rng = np.random.default_rng(1)
+    for i in range(1, max(1, round(gigabytes * 1e9 / len(base)))):
+        # The first file rotated at a random line start: distinct text, written at disk speed.
+        cut = base.index(b"\n", int(rng.integers(0, len(base) // 2))) + 1
+        with open(corpus / f"part-{i:04d}.txt", "wb") as handle:
+            handle.write(view[cut:])
+            handle.write(view[:cut])
+    files = sorted(corpus.iterdir())
+    time.sleep(SETTLE_NS / 1e9 + 0.1)  # files this new are re-hashed on the next start; a real corpus is older
+    started = time.perf_counter()
+    tokens = len(prepare_corpus(corpus, cache).tokens)
+    first_seconds = time.perf_counter() - started
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        f"data.path={corpus}",
+        f"data.cache_dir={cache}",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=2",  # the final validation would otherwise cover 10% of the corpus
+        "sample.max_new_tokens=0",
+        "trainer.enable_progress_bar=false",
+    ]
+    log = work / "large-corpus-run.log"
+    start = time.time()
+    with open(log, "wb") as output:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not that of earlier children
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command, log.read_text())
+    return {
+        "gigabytes": sum(f.stat().st_size for f in files) / 1e9,
+        "files": len(files),
+        "tokens": tokens,
+        "first_prepare_seconds": first_seconds,
+        "second_start_seconds": json.loads((run_dir / "results.json").read_text())["first_step_unix_time"] - start,
+        "second_start_peak_mb": usage.ru_maxrss / 1024,
+    }
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']} with `{report['command']}`.",
@@ -345,6 +398,15 @@ def markdown(report: dict) -> str:
         "",
         f"### Time to first step\n\n`python train.py` (nano) to the end of its first optimizer step: {report['first_step_seconds']:.2f} s.",
     ]
+    if report.get("large_corpus"):
+        big = report["large_corpus"]
+        lines += [
+            "",
+            f"### Repeated start on a large corpus ({big['gigabytes']:.2f} GB in {big['files']} files, {big['tokens']:,} tokens)",
+            "",
+            f"First preparation (hash, vocabulary, encoding): {big['first_prepare_seconds']:.1f} s. A second `python train.py` "
+            f"on it: first optimizer step after {big['second_start_seconds']:.2f} s, peak memory {big['second_start_peak_mb']:.0f} MB.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -355,6 +417,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per path (best is kept)")
     parser.add_argument("--presets", default="nano,small,medium")
     parser.add_argument("--corpus-mb", type=int, default=200, help="size of the generated corpus (0 skips)")
+    parser.add_argument(
+        "--large-corpus-gb",
+        type=float,
+        default=0,
+        help="GB of a generated corpus to time a repeated start on (0 skips)",
+    )
     parser.add_argument("--skip-reference", action="store_true", help="skip the full 2000-step reference run")
     parser.add_argument("--reference-steps", type=int, default=2000, help="steps of the reference run")
     parser.add_argument("--reference-rounds", type=int, default=2, help="alternating runs per path (fastest kept)")
@@ -379,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
             report["reference"] = reference_quality(args.data, work, args.reference_steps, args.reference_rounds)
         if args.corpus_mb:
             report["data"] = data_preparation(work, args.corpus_mb)
+        if args.large_corpus_gb:
+            report["large_corpus"] = large_corpus_start(work, args.large_corpus_gb)
     text = markdown(report)
     print(text)
     if args.out:
