@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,sweeps]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,sweeps,mlflow,wandb]"
 	touch $(STAMP)
 
 train: $(STAMP)

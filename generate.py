@@ -4,21 +4,17 @@ python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt prompt=
 python generate.py ckpt_path=last temperature=0.5 top_k=1 max_new_tokens=300
 """
 
-import sys
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-from nanollm.cli import check_config_choices, exit_on_user_error, generate_command
+from nanollm.cli import exit_on_user_error, generate_command, run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
-@exit_on_user_error
+@exit_on_user_error(interrupted="generation interrupted.")
 def main(cfg: DictConfig) -> None:
     generate_command(cfg)
 
 
 if __name__ == "__main__":
-    check_config_choices(sys.argv, Path(__file__).parent / "conf")
-    main()
+    run_entry_point(main)

@@ -5,13 +5,10 @@ python train.py model=small data.path=my.txt     # any config key can be overrid
 python train.py -m model=nano,small,medium       # a sweep, one run per preset
 """
 
-import sys
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-from nanollm.cli import check_config_choices, exit_on_user_error, train_command
+from nanollm.cli import exit_on_user_error, run_entry_point, train_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,5 +18,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    check_config_choices(sys.argv, Path(__file__).parent / "conf")
-    main()
+    run_entry_point(main)

@@ -4,7 +4,7 @@ tokenizer = CharTokenizer.from_text(text)
 model = TransformerLanguageModel(vocab_size=tokenizer.vocab_size, embedding_dim=32, num_layers=2,
                                  num_heads=4, ffn_hidden_dim=64, context_length=64)
 result = train_with_config(model, tokenizer.encode(text), config, tokenizer=tokenizer)
-step, loss = load_checkpoint(config["checkpoint_dir"] + "/checkpoint_final.ckpt", model)
+info = load_checkpoint(config["checkpoint_dir"] + "/checkpoint_final.pt", model)   # info['step'], info['loss']
 print(generate_text(model, tokenizer, "The ", max_length=100, temperature=0.8, top_k=40, seed=0))
 """
 
@@ -35,8 +35,13 @@ RUNBOOK_KEYS = {
 
 
 class CheckpointInfo(NamedTuple):
+    """What `load_checkpoint` returns: `info['step']`, `info.step` or `step, loss = info`."""
+
     step: int
     loss: float | None
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
 
 
 def set_seed(seed: int) -> None:
@@ -63,9 +68,10 @@ def train_with_config(
 ) -> dict[str, Any]:
     """Train `model` in place on `tokens` (ids) as the runbook's `config` says.
 
-    Writes `checkpoint_step_<N>.ckpt`, `last.ckpt` and `checkpoint_final.ckpt` into
-    `config["checkpoint_dir"]` and returns the results, including `final_loss` and `final_grad_norm`.
-    Pass `tokenizer` to store the vocabulary in the checkpoints (then generate.py can use them).
+    Writes `checkpoint_step_<N>.pt` every `checkpoint_interval` steps and `checkpoint_final.pt` into
+    `config["checkpoint_dir"]`, the runbook's file names, and returns the results, including
+    `final_loss` and `final_grad_norm`. Pass `tokenizer` to store the vocabulary in the checkpoints
+    (then generate.py and eval.py can use them).
     """
     from nanollm.corpus import EncodedCorpus, token_dtype
     from nanollm.training import run
@@ -75,6 +81,11 @@ def train_with_config(
     if config.get("vocab_size") not in (None, model.config.vocab_size):
         raise NanoLLMError(
             f"config['vocab_size'] ({config['vocab_size']}) differs from the model's ({model.config.vocab_size})."
+        )
+    if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
+        raise NanoLLMError(
+            f"The tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is "
+            f"{model.config.vocab_size}; build the model with vocab_size=tokenizer.vocab_size."
         )
     ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
@@ -86,9 +97,11 @@ def train_with_config(
 
     checkpoint_dir = Path(config["checkpoint_dir"]).resolve()
     num_steps = config.get("num_steps", 1000)
-    # Group choices go through Hydra; values are set on the composed config (any string is safe there).
-    cfg = compose_config(["~logger", "~callbacks.text_samples"])
+    # The runbook's files only: no logger, samples, best checkpoint or last.pt. Group choices go through
+    # Hydra; values are set on the composed config (any string is safe there).
+    cfg = compose_config(["~logger", "~callbacks.text_samples", "~callbacks.best_checkpoint"])
     values = {RUNBOOK_KEYS[k]: v for k, v in config.items() if k in RUNBOOK_KEYS and v is not None}
+    explicit = {*values, "model"}  # a resumed run keeps its checkpoint's other settings
     values.update({f"model.{k}": v for k, v in model.config.to_dict().items() if k != "vocab_size"})
     values.update(
         {
@@ -96,6 +109,7 @@ def train_with_config(
             "data.path": "<tokens>",
             "run_dir": str(checkpoint_dir),
             "checkpoint_dir": str(checkpoint_dir),
+            "callbacks.model_checkpoint.save_last": False,
             "trainer.val_check_interval": num_steps if isinstance(num_steps, int) and num_steps > 0 else 1,
             "trainer.enable_progress_bar": bool(config.get("progress_bar", True)),
             "sample.max_new_tokens": 0 if tokenizer is None else 100,
@@ -105,7 +119,9 @@ def train_with_config(
     for key, value in values.items():
         OmegaConf.update(cfg, key, value, merge=False)
     corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
-    results = run(cfg, model=model, corpus=corpus, echo=lambda *_: None)
+    results = run(
+        cfg, model=model, corpus=corpus, echo=lambda *_: None, explicit=explicit, extension=".pt", results_file=False
+    )
     results["final_loss"] = results["final_train_loss"]
     return results
 

@@ -7,8 +7,8 @@ architecture, the tokenizer's vocabulary and the resolved run config as plain ty
 
 from __future__ import annotations
 
-import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,15 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nanollm.errors import NanoLLMError
+from nanollm.files import atomic_copy, atomic_write
+
+__all__ = ["atomic_copy", "atomic_torch_save"]
 
 NANOLLM_KEY = "nanollm"
 FORMAT_VERSION = 1
 FINAL_NAME = "checkpoint_final.ckpt"
 LAST_NAME = "last.ckpt"
+BEST_NAME = "best.ckpt"
 
 
 class DamagedCheckpointError(NanoLLMError):
@@ -31,47 +35,22 @@ class DamagedCheckpointError(NanoLLMError):
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes atomically and only ever loads with `weights_only=True`."""
 
+    seconds_writing = 0.0  # total time spent in saves, so throughput figures can leave it out
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        atomic_torch_save(checkpoint, Path(path))
+        started = time.perf_counter()
+        try:
+            atomic_torch_save(checkpoint, Path(path))
+        finally:
+            self.seconds_writing += time.perf_counter() - started
 
     def load_checkpoint(self, path, map_location: Any | None = "cpu", weights_only: bool | None = None) -> dict:
         return read_checkpoint(Path(path), map_location=map_location)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it into place.
-
-    A kill at any moment leaves either the old file or the new one, never a truncated one.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise NanoLLMError(
-            f"Could not save checkpoint '{path}': {err.strerror or err}. Free disk space or make the directory "
-            "writable; earlier checkpoints are intact."
-        ) from None
-
-
-def atomic_copy(source: Path, target: Path) -> None:
-    """Copy a file with the same write-then-rename guarantee."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            while block := src.read(16 * 1024 * 1024):
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise NanoLLMError(f"Could not write checkpoint '{target}': {err.strerror or err}.") from None
+    """`torch.save` with the write-then-rename guarantee of `nanollm.files.atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle), what="checkpoint")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -106,18 +85,18 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     return checkpoint
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
+def list_checkpoints(directory: Path | None, pattern: str = "*.ckpt") -> list[Path]:
     """Checkpoint files in a directory, newest first (by modification time, then name)."""
-    if not directory.is_dir():
+    if directory is None or not directory.is_dir():
         return []
-    files = [p for p in directory.glob("*.ckpt") if p.is_file()]
+    files = [p for p in directory.glob(pattern) if p.is_file()]
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
-def newest_good_checkpoint(directories: list[Path], warn=print) -> tuple[Path, dict] | None:
+def newest_good_checkpoint(directories: list[Path], pattern: str = "*.ckpt", warn=print) -> tuple[Path, dict] | None:
     """The newest readable checkpoint among `directories` and its contents; damaged files are reported and skipped."""
     candidates = sorted(
-        (p for d in directories for p in list_checkpoints(d)), key=lambda p: p.stat().st_mtime_ns, reverse=True
+        (p for d in directories for p in list_checkpoints(d, pattern)), key=lambda p: p.stat().st_mtime_ns, reverse=True
     )
     for path in candidates:
         try:
@@ -130,28 +109,61 @@ def newest_good_checkpoint(directories: list[Path], warn=print) -> tuple[Path, d
 
 
 def resolve_checkpoint(
-    ckpt_path: str | None, checkpoint_dir: Path | None, outputs_dir: Path
+    ckpt_path: str | None, own_dirs: Path | list[Path] | None, outputs_dir: Path, warn=print
 ) -> tuple[Path, dict] | None:
     """Turn the user's `ckpt_path` into a checkpoint file and its loaded contents (None for a fresh run).
 
-    `last` means the newest good checkpoint of this run's directory, else of the newest run
-    under `outputs_dir`. Lightning's own `ckpt_path="last"` only looks in the current run,
-    which for a fresh timestamped Hydra run is empty, so we resolve it ourselves.
+    `last` means the newest good checkpoint of this run (`own_dirs`), else of the newest run under
+    `outputs_dir`; `best` the same among `best.ckpt` files. Lightning's own `ckpt_path="last"` only
+    looks in the current run, which for a fresh timestamped Hydra run is empty, so we resolve it ourselves.
     """
     if ckpt_path in (None, ""):
         return None
-    if str(ckpt_path) != "last":
-        return Path(ckpt_path), read_checkpoint(Path(ckpt_path))
-    found = newest_good_checkpoint([checkpoint_dir]) if checkpoint_dir is not None else None
+    name = str(ckpt_path)
+    if name not in ("last", "best"):
+        return Path(name), read_checkpoint(Path(name))
+    pattern = "*.ckpt" if name == "last" else BEST_NAME
+    own = [own_dirs] if isinstance(own_dirs, Path) else list(own_dirs or [])
+    found = newest_good_checkpoint(own, pattern, warn)
     if found is None and outputs_dir.is_dir():
-        run_dirs = {p.parent for p in outputs_dir.rglob("*.ckpt")}
-        found = newest_good_checkpoint(sorted(run_dirs))
+        run_dirs = {p.parent for p in outputs_dir.rglob(pattern)}
+        found = newest_good_checkpoint(sorted(run_dirs), pattern, warn)
     if found is None:
+        what = "no checkpoint" if name == "last" else f"no {BEST_NAME} (it is written at the first validation)"
         raise NanoLLMError(
-            f"ckpt_path=last found no checkpoint in this run or under '{outputs_dir}'. "
+            f"ckpt_path={name} found {what} in this run or under '{outputs_dir}'. "
             "Train first, or pass ckpt_path=/path/to/file.ckpt."
         )
     return found
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file belongs to (`<run>/checkpoints/x.ckpt`, or `<run>/hpc_ckpt_1.ckpt`)."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def check_run_ownership(own_dirs: list[Path], resume_from: Path | None) -> None:
+    """A run directory belongs to one run: refuse to write into one that holds another run's checkpoints.
+
+    Starting fresh there, or resuming a checkpoint of another run there, would mix the two runs'
+    checkpoints and overwrite `last.ckpt`, `checkpoint_final.ckpt` and `results.json`.
+    """
+    held = [p for d in own_dirs for p in list_checkpoints(d)]
+    if not held:
+        return
+    where = own_dirs[0]
+    if resume_from is None:
+        raise NanoLLMError(
+            f"'{where}' already holds checkpoints of another run; resume it with ckpt_path=last "
+            "or start a new run in another directory (hydra.run.dir=...)."
+        )
+    if Path(resume_from).resolve().parent not in {d.resolve() for d in own_dirs}:
+        raise NanoLLMError(
+            f"'{where}' holds checkpoints of another run, so '{resume_from}' cannot be resumed into it. Continue "
+            f"that run in its own directory (hydra.run.dir={run_dir_of(resume_from)} ckpt_path=last) or in a new "
+            "one (leave out hydra.run.dir)."
+        )
 
 
 def architecture_mismatch(saved: dict, wanted: dict) -> list[str]:
@@ -163,14 +175,63 @@ def architecture_mismatch(saved: dict, wanted: dict) -> list[str]:
     ]
 
 
+# No nanollm model needs more positions; a larger value in a file is damage, not a model.
+MAX_CONTEXT_LENGTH = 1 << 20
+
+
+def checked_model_config(path: str | Path, checkpoint: dict):
+    """The checkpoint's model settings, checked against its weights before any memory is allocated for them.
+
+    A file that loads safely can still hold a damaged record: a missing or unknown setting, sizes that
+    do not match the stored weights (absurd ones would allocate gigabytes), or NaN/Inf weights.
+    """
+    from nanollm.model import ModelConfig
+
+    record = checkpoint[NANOLLM_KEY].get("model") if isinstance(checkpoint[NANOLLM_KEY], dict) else None
+    if not isinstance(record, dict):
+        raise NanoLLMError(f"Checkpoint '{path}' has no model record (nanollm.model); it cannot be rebuilt.")
+    known = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise NanoLLMError(
+            f"Checkpoint '{path}' has unknown model settings {unknown} (written by a newer or modified nanollm?)."
+        )
+    try:
+        config = ModelConfig.from_saved(record)
+    except (TypeError, ValueError) as err:
+        raise NanoLLMError(f"Checkpoint '{path}' has an invalid model record: {err}.") from None
+    except NanoLLMError as err:
+        raise NanoLLMError(f"Checkpoint '{path}' has an invalid model record: {err}") from None
+    state = checkpoint["state_dict"]
+    embedding = state.get("model.token_embedding.weight")
+    expected = (config.vocab_size, config.embedding_dim)
+    if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != expected:
+        found = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else None
+        raise NanoLLMError(
+            f"Checkpoint '{path}' is inconsistent: its model record says vocab_size x embedding_dim = {expected}, "
+            f"its token embedding is {found}."
+        )
+    if config.context_length > MAX_CONTEXT_LENGTH:
+        raise NanoLLMError(f"Checkpoint '{path}' records an implausible context_length ({config.context_length}).")
+    bad = [
+        k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise NanoLLMError(
+            f"Checkpoint '{path}' holds NaN/Inf weights ({bad[0]}{' ...' if len(bad) > 1 else ''}): it was saved "
+            "from a diverged run. Use an earlier checkpoint."
+        )
+    return config
+
+
 def model_from_checkpoint(path: str | Path, checkpoint: dict | None = None):
     """Rebuild `(model, tokenizer, checkpoint)` from a checkpoint file alone (or its already loaded contents)."""
-    from nanollm.model import ModelConfig, TransformerLanguageModel
+    from nanollm.model import TransformerLanguageModel
     from nanollm.tokenizer import CharTokenizer
 
     checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     saved = checkpoint[NANOLLM_KEY]
-    model = TransformerLanguageModel(ModelConfig.from_saved(saved["model"]))
+    model = TransformerLanguageModel(checked_model_config(path, checkpoint))
     load_model_weights(model, checkpoint, path)
     tokenizer = CharTokenizer.from_dict(saved["tokenizer"]) if saved.get("tokenizer") else None
     return model.eval(), tokenizer, checkpoint

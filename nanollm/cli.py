@@ -5,36 +5,121 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
+import signal
 import sys
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import nanollm.config  # noqa: F401  (registers the OmegaConf resolvers conf/ uses)
-from nanollm.errors import NanoLLMError, TrainingInterrupted
+from nanollm.errors import NanoLLMError, SweepError, TrainingInterrupted
+from nanollm.files import atomic_write_text
+
+_job_started = False  # set once Hydra has composed the config and the command runs
 
 
-def exit_on_user_error(main):
+def exit_on_user_error(main=None, *, interrupted: str = "interrupted before training started; nothing was saved."):
     """Print a NanoLLMError as one `error:` line on stderr and exit non-zero, without a traceback.
 
-    In a multirun the failed job is recorded in its results.json instead, so the sweep goes on.
+    In a multirun the failed job is recorded in its results.json instead, so the sweep goes on. Under
+    DDP only rank 0 prints. `interrupted` is the line for a Ctrl-C that the command does not handle.
     """
+    if main is None:
+        return functools.partial(exit_on_user_error, interrupted=interrupted)
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
+        global _job_started
+        _job_started = True
         try:
             return main(cfg)
         except NanoLLMError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            if _in_multirun() and not isinstance(err, TrainingInterrupted):
+            _print_once(f"error: {err}")
+            if _in_multirun() and not isinstance(err, (TrainingInterrupted, SweepError)):
                 _record_failed_job(cfg, err)
                 return None
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            print("error: interrupted before training started; nothing was saved.", file=sys.stderr, flush=True)
+            _print_once(f"error: {interrupted}")
             sys.exit(130)
 
     return wrapper
+
+
+log = logging.getLogger("nanollm")
+# The error line also goes to train.log (Hydra's job logging gives this logger the file); without it, nowhere.
+error_log = logging.getLogger("nanollm.errors")
+error_log.addHandler(logging.NullHandler())
+error_log.propagate = False
+
+
+_run_logged = False  # this invocation has written to its run's log: a failure afterwards belongs there too
+
+
+def _log_run(message: str) -> None:
+    global _run_logged
+    _run_logged = True
+    log.info(message)
+
+
+def _print_once(line: str) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(line, file=sys.stderr, flush=True)
+        if _run_logged:  # a run refused at start-up writes nothing into a directory that may be another run's
+            error_log.error(line)
+
+
+def run_entry_point(main) -> None:
+    """Run a Hydra entry point, turning Hydra's own errors (an unknown config group choice or key, an
+    override it cannot parse) into one `error:` line instead of its multi-line report.
+
+    Hydra raises them, rather than printing, when HYDRA_FULL_ERROR is set; a user who sets it
+    explicitly still gets the full traceback.
+    """
+    full_error_wanted = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException, OSError) as err:
+        if full_error_wanted or _job_started:  # inside the job it is a bug of ours: keep the traceback
+            raise
+        if isinstance(err, OSError) and not isinstance(err, HydraException):  # Hydra creating the run directory
+            line = f"cannot create the run directory '{err.filename}': {err.strerror}; choose another hydra.run.dir."
+        else:
+            line = hydra_error_line(err)
+        _print_once(f"error: {line}")
+        sys.exit(1)
+
+
+def hydra_error_line(err: Exception) -> str:
+    """One line that says what Hydra or OmegaConf refused and how to fix it."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, choice = err.missing_cfg_file.rsplit("/", 1)
+        options = sorted(err.options or [])
+        listed = f"; choose one of: {', '.join(options)} (e.g. {group}={options[0]})" if options else ""
+        return f"unknown {group} '{choice}'{listed}."
+    unknown_key = re.match(r"Could not override '([^']+)'", first)
+    if unknown_key and "To append to your config use +" in str(err):
+        key = unknown_key.group(1)
+        return (
+            f"unknown config key '{key}'. Check its spelling (python train.py --cfg job lists every key), "
+            f"or add a new key with +{key}=..."
+        )
+    if isinstance(err, OverrideParseException):
+        return (
+            f"could not parse the override '{err.override}'. Quote values with spaces, commas or special "
+            "characters, e.g. 'prompt=\"Hi, you?\"'."
+        )
+    return first
 
 
 def _in_multirun() -> bool:
@@ -49,28 +134,7 @@ def _record_failed_job(cfg: DictConfig, err: Exception) -> None:
 
     hydra_cfg = HydraConfig.get()
     record = {"status": "failed", "error": str(err), "overrides": list(hydra_cfg.overrides.task)}
-    Path(hydra_cfg.runtime.output_dir, "results.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def check_config_choices(argv: list[str], conf_dir: Path) -> None:
-    """Reject an unknown config-group choice (e.g. `model=huge`) in one line, listing the valid ones.
-
-    Hydra reports these with a multi-line search-path dump; this check runs before it.
-    """
-    for arg in argv[1:]:
-        key, sep, value = arg.partition("=")
-        group = key.lstrip("+~")
-        # hydra/* groups also come from installed plugins (launchers, sweepers): Hydra checks those.
-        if not sep or "(" in value or group.startswith("hydra") or not (conf_dir / group).is_dir():
-            continue
-        for choice in value.split(","):  # a sweep lists several choices
-            if choice and choice != "null" and not (conf_dir / group / f"{choice}.yaml").is_file():
-                options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-                print(
-                    f"error: unknown {group} '{choice}'; choose one of: {', '.join(options)} (e.g. {group}={options[0]}).",
-                    file=sys.stderr,
-                )
-                sys.exit(1)
+    atomic_write_text(Path(hydra_cfg.runtime.output_dir, "results.json"), json.dumps(record, indent=2) + "\n")
 
 
 def quiet_lightning() -> None:
@@ -86,20 +150,31 @@ def train_command(cfg: DictConfig) -> float | None:
     from nanollm.config import validate_config
 
     validate_config(cfg)  # before the heavy imports, so config mistakes fail in a second
+    from nanollm.distributed import check_multirun_can_launch, share_machine_among_parallel_jobs
+    from nanollm.start import explicit_keys
     from nanollm.training import run
 
     quiet_lightning()
+    hydra_cfg = HydraConfig.get()
+    if _in_multirun():
+        check_multirun_can_launch(cfg.trainer)
+        if "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower():
+            share_machine_among_parallel_jobs(cfg.trainer, hydra_cfg.launcher, hydra_cfg.job.num)
     if cfg.run_dir is None:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
-    results = run(cfg)
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+    results = run(cfg, echo=_log_run, explicit=explicit_keys(hydra_cfg.overrides.task))
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:  # under DDP every process returns here; one report is enough
-        print(format_report(results))
+        log.info(format_report(results))
     if results["status"] == "interrupted":
+        # 128 + the signal number, as a shell reports a process ended by that signal (130 Ctrl-C, 143 SIGTERM).
+        signum = signal.Signals[results["stopped_by"]]
+        cause = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
         raise TrainingInterrupted(
-            f"interrupted at step {results['global_step']}; saved {results['checkpoint_path']}. "
-            "Resume with the same command plus ckpt_path=last."
+            f"{cause} at step {results['global_step']}; saved {results['checkpoint_path']}. "
+            "Resume with the same command plus ckpt_path=last.",
+            exit_code=128 + signum,
         )
     return results["final_val_loss"]
 
@@ -125,15 +200,10 @@ def generate_command(cfg: DictConfig) -> None:
     import torch
 
     from nanollm.checkpointing import model_from_checkpoint, resolve_checkpoint
-    from nanollm.generation import check_sampling_args, generate_tokens, make_generator
+    from nanollm.config import validate_generate_config
+    from nanollm.generation import generate_tokens, make_generator
 
-    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
-        raise NanoLLMError(
-            "ckpt_path is required: python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt (or ckpt_path=last)."
-        )
-    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
-    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
-        raise NanoLLMError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}.")
+    validate_generate_config(cfg)
     path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
     device = (
         "cuda"
@@ -158,3 +228,31 @@ def generate_command(cfg: DictConfig) -> None:
             sys.stdout.write(tokenizer.chars[token])
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def eval_command(cfg: DictConfig) -> None:
+    """`python eval.py`: score text with one or more checkpoints, print a table, optionally write JSON."""
+    from nanollm.evaluation import check_output_path, evaluate, format_table, pick_device
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise NanoLLMError(
+            "ckpt_path is required: python eval.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt (or ckpt_path=last)."
+        )
+    ckpt_path = OmegaConf.to_container(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else str(cfg.ckpt_path)
+    if cfg.output:
+        check_output_path(cfg.output)
+    results, several = evaluate(
+        ckpt_path,
+        str(cfg.data.path),
+        cfg.eval.stride,
+        cfg.eval.batch_size,
+        cfg.eval.unknown,
+        pick_device(cfg.device),
+        Path(cfg.outputs_dir),
+        progress=True,
+    )
+    print(format_table(results))
+    if cfg.output:
+        report = results if several else results[0]
+        atomic_write_text(Path(cfg.output), json.dumps(report, indent=2) + "\n", what="results")
+        print(f"wrote {cfg.output}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,42 +47,135 @@ def model_config_from(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, **{key: _get(cfg, f"model.{key}") for key in MODEL_KEYS})
 
 
+def _number(cfg: DictConfig, key: str, low: float, high: float, rule: str, low_ok=True, high_ok=True) -> float:
+    """A finite number between low and high (inclusive unless said otherwise); `rule` is the message's wording."""
+    value = _get(cfg, key)
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (
+        math.isfinite(number)
+        and (low <= number if low_ok else low < number)
+        and (number <= high if high_ok else number < high)
+    ):
+        raise NanoLLMError(f"{key} must be {rule}, got {value!r}.")
+    return number
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise NanoLLMError for the first invalid value, naming the key and a valid alternative."""
-    model_config_from(cfg, vocab_size=1)  # sizes, divisibility and dropout range
+    _number(cfg, "model.dropout", 0, 1, "a number in [0, 1)", high_ok=False)
+    model_config_from(cfg, vocab_size=1)  # sizes, divisibility and the position encoding
     _positive_number(cfg, "optim.lr")
-    weight_decay = _get(cfg, "optim.weight_decay")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise NanoLLMError(f"optim.weight_decay must be a number >= 0, got {weight_decay!r}.")
+    _number(cfg, "optim.weight_decay", 0, math.inf, "a number >= 0")
     warmup = _get(cfg, "optim.warmup_steps")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise NanoLLMError(f"optim.warmup_steps must be an integer >= 0, got {warmup!r}.")
+    betas = _get(cfg, "optim.betas")
+    if not OmegaConf.is_list(betas) or len(betas) != 2:
+        raise NanoLLMError(f"optim.betas must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.99], got {betas!r}.")
+    for index in range(2):
+        _number(cfg, f"optim.betas[{index}]", 0, 1, "in [0, 1) (e.g. optim.betas=[0.9,0.99])", high_ok=False)
+    # A negative ratio would turn the end of the schedule into gradient ascent.
+    _number(cfg, "optim.min_lr_ratio", 0, 1, "a number in [0, 1] (the final learning rate as a fraction of optim.lr)")
     _positive_int(cfg, "data.batch_size")
-    fraction = _get(cfg, "data.val_fraction")
-    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise NanoLLMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {fraction!r}.")
+    if _get(cfg, "data.val_batch_size") is not None:
+        _positive_int(cfg, "data.val_batch_size")
+    overfit = _get(cfg, "data.overfit_batches")
+    if overfit is not None and (isinstance(overfit, bool) or not isinstance(overfit, int) or overfit < 0):
+        raise NanoLLMError(f"data.overfit_batches must be an integer >= 0 (0 = off), got {overfit!r}.")
+    _number(cfg, "data.val_fraction", 0, 1, "between 0 and 1 (exclusive)", low_ok=False, high_ok=False)
     _positive_int(cfg, "trainer.max_steps")
     _positive_int(cfg, "trainer.log_every_n_steps")
     _positive_int(cfg, "trainer.val_check_interval")
+    _positive_int(cfg, "trainer.accumulate_grad_batches")
+    if _get(cfg, "trainer.gradient_clip_val") is not None:
+        _number(
+            cfg, "trainer.gradient_clip_val", 0, math.inf, "a number > 0, or null to disable clipping", low_ok=False
+        )
     _positive_int(cfg, "checkpoint_interval")
+    if _get(cfg, "checkpoint_keep") is not None:
+        _positive_int(cfg, "checkpoint_keep")
     seed = _get(cfg, "seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise NanoLLMError(f"seed must be an integer, got {seed!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise NanoLLMError(f"seed must be an integer in [0, 2^32), or null to draw one, got {seed!r}.")
+    _validate_sample(cfg)
+    _validate_devices(cfg)
     path = _get(cfg, "data.path")
     if not path:
         raise NanoLLMError("data.path is empty: pass data.path=/path/to/text.txt.")
+    if cfg.get("init_from") and cfg.get("ckpt_path"):
+        raise NanoLLMError(
+            "init_from and ckpt_path were both given: ckpt_path resumes a run, init_from starts a new run from a "
+            "checkpoint's weights. Keep one of them."
+        )
+
+
+def _validate_devices(cfg: DictConfig) -> None:
+    """A GPU run needs the GPUs it asks for; Lightning would stop with a multi-line error."""
+    accelerator = str(_get(cfg, "trainer.accelerator"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise NanoLLMError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible to this process; use "
+            "trainer.accelerator=cpu (or auto), or run on a machine with a GPU."
+        )
+    devices = _get(cfg, "trainer.devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > available:
+        raise NanoLLMError(
+            f"trainer.devices={devices} but only {available} CUDA GPU(s) are visible; use trainer.devices={available} "
+            "or fewer (or trainer.devices=auto)."
+        )
+
+
+def _validate_sample(cfg: DictConfig, prefix: str = "sample.") -> None:
+    """Sampling settings (train.py's end-of-training sample, checked before training starts; generate.py's)."""
+    tokens = _get(cfg, f"{prefix}max_new_tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise NanoLLMError(f"{prefix}max_new_tokens must be an integer >= 0, got {tokens!r}.")
+    _number(cfg, f"{prefix}temperature", 0, math.inf, f"a number > 0 ({prefix}top_k=1 samples greedily)", low_ok=False)
+    top_k = _get(cfg, f"{prefix}top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise NanoLLMError(f"{prefix}top_k must be an integer >= 1 or null, got {top_k!r}.")
+    seed = _get(cfg, f"{prefix}seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise NanoLLMError(f"{prefix}seed must be an integer >= 0, or null for a random one, got {seed!r}.")
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def validate_generate_config(cfg: DictConfig) -> None:
+    """generate.py's settings, each bad value named before the checkpoint is even read."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise NanoLLMError(
+            "ckpt_path is required: python generate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt "
+            "(or ckpt_path=last / best)."
+        )
+    _validate_sample(cfg, prefix="")
+    _positive_int(cfg, "num_samples")
+    check_device(_get(cfg, "device"))
+
+
+def check_device(device) -> None:
+    if device not in DEVICES:
+        raise NanoLLMError(f"device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NanoLLMError("device=cuda but no CUDA GPU is visible to this process; use device=cpu or device=auto.")
 
 
 def _run_name() -> str:
-    """TensorBoard run name: in a sweep the swept overrides (e.g. `model=small`), else the overrides.
-
-    '' outside a Hydra app (then the run directory names the run).
-    """
+    """The loggers' run name: in a sweep the swept overrides (e.g. `model=small`), else the command-line
+    overrides, and `defaults` for a run without any (or outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return ""
+        return "defaults"
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -90,7 +185,7 @@ def _run_name() -> str:
         excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
         overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
     # One path component, well under the 255-byte file-name limit.
-    return ",".join(sorted(overrides)).replace("/", "_")[:150]
+    return ",".join(sorted(overrides)).replace("/", "_")[:150] or "defaults"
 
 
 def _swept_keys(hydra_cfg) -> set[str]:
@@ -107,6 +202,30 @@ def _swept_keys(hydra_cfg) -> set[str]:
     return keys
 
 
+def claim_unique_dir(path: str) -> str:
+    """Create `path`, or `path-1`, `path-2`, ... if it exists, and return the one created.
+
+    Hydra's `${now:%H-%M-%S}` has one-second resolution: two runs started in the same second would
+    share one directory (and one results.json). `os.mkdir` fails when the directory exists, even
+    between machines on a shared filesystem, so each run claims its own before writing anything.
+    """
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, suffix = path, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = f"{path}-{suffix}"
+
+
 # `${mul:4,${model.embedding_dim}}` in width_scaling; `${run_name:}` in the TensorBoard logger config.
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
 OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+# `${unique_dir:...}` in conf/hydra/default.yaml. Cached: every later read of hydra.run.dir gets the same directory.
+OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
+# `save_top_k: ${keep_count:${checkpoint_keep}}`: null keeps every checkpoint (Lightning's -1).
+OmegaConf.register_new_resolver("keep_count", lambda keep: -1 if keep is None else keep, replace=True)

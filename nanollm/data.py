@@ -16,22 +16,45 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from nanollm.corpus import EncodedCorpus, prepare_corpus
+from nanollm.corpus import DEFAULT_GLOB, EncodedCorpus, prepare_corpus
 from nanollm.errors import NanoLLMError
+from nanollm.tokenizer import CharTokenizer
+
+
+def windows_at(tokens: np.ndarray, starts: np.ndarray, length: int, id_map: np.ndarray | None) -> torch.Tensor:
+    """(len(starts), length) int64 token windows, re-numbered through `id_map` when the run's vocabulary
+    orders characters differently from the cached encoding (a fine-tuned, extended vocabulary)."""
+    windows = tokens[starts[:, None] + np.arange(length)]
+    return torch.from_numpy(id_map[windows] if id_map is not None else windows.astype(np.int64))
 
 
 class RandomWindows(IterableDataset):
-    """An endless stream of `(x, y)` batches, each `batch_size` windows at random offsets."""
+    """An endless stream of `(x, y)` batches, each `batch_size` windows at random offsets.
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int, rank: int, start: int):
+    With `repeat` set, batch indices cycle through the first `repeat` ones: the same few batches over
+    and over, to check that a model can overfit them (`debug=overfit`).
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        context_length: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        start: int,
+        id_map: np.ndarray | None = None,
+        repeat: int | None = None,
+    ):
         self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
-        self.seed, self.rank, self.start = seed, rank, start
-        self._span = np.arange(context_length + 1)
+        self.seed, self.rank, self.start, self.id_map, self.repeat = seed, rank, start, id_map, repeat
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.repeat:
+            index %= self.repeat
         rng = np.random.default_rng([self.seed, self.rank, index])
         offsets = rng.integers(0, len(self.tokens) - self.context_length, size=self.batch_size)
-        windows = torch.from_numpy(self.tokens[offsets[:, None] + self._span].astype(np.int64))  # (B, T+1)
+        windows = windows_at(self.tokens, offsets, self.context_length + 1, self.id_map)  # (B, T+1)
         return windows[:, :-1], windows[:, 1:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -42,26 +65,37 @@ class RandomWindows(IterableDataset):
 
 
 class SequentialWindows(IterableDataset):
-    """Non-overlapping windows covering the validation split once: a stable, comparable estimate."""
+    """Non-overlapping windows covering the validation split once: a stable, comparable estimate.
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int):
+    Under DDP each process takes every `world`-th window, so the split is scored once in all.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        context_length: int,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        id_map: np.ndarray | None = None,
+    ):
         num_windows = (len(tokens) - 1) // context_length
-        self.starts = np.arange(num_windows) * context_length
-        self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
+        self.starts = (np.arange(num_windows) * context_length)[rank::world]
+        self.tokens, self.context_length, self.batch_size, self.id_map = tokens, context_length, batch_size, id_map
 
     def __len__(self) -> int:
         return -(-len(self.starts) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        span = np.arange(self.context_length + 1)
         for first in range(0, len(self.starts), self.batch_size):
-            starts = self.starts[first : first + self.batch_size]
-            windows = torch.from_numpy(self.tokens[starts[:, None] + span].astype(np.int64))
+            windows = windows_at(
+                self.tokens, self.starts[first : first + self.batch_size], self.context_length + 1, self.id_map
+            )
             yield windows[:, :-1], windows[:, 1:]
 
 
 class CharDataModule(L.LightningDataModule):
-    """Serves character windows from a text file, a directory of `.txt` files, or an encoded corpus."""
+    """Serves character windows from a text file, the files of a directory matching `glob`, or an encoded corpus."""
 
     def __init__(
         self,
@@ -73,6 +107,9 @@ class CharDataModule(L.LightningDataModule):
         cache_dir: str | Path | None = None,
         corpus: EncodedCorpus | None = None,
         pin_memory: bool = False,
+        glob: str = DEFAULT_GLOB,
+        val_batch_size: int | None = None,
+        overfit_batches: int = 0,
     ):
         super().__init__()
         if path is None and corpus is None:
@@ -81,9 +118,13 @@ class CharDataModule(L.LightningDataModule):
             raise NanoLLMError(f"data.batch_size must be an integer >= 1, got {batch_size!r}.")
         if not 0.0 < val_fraction < 1.0:
             raise NanoLLMError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}.")
-        self.path, self.cache_dir, self.corpus = path, cache_dir, corpus
+        self.path, self.glob, self.cache_dir, self.corpus = path, glob, cache_dir, corpus
         self.context_length, self.batch_size, self.val_fraction = context_length, batch_size, val_fraction
         self.seed, self.pin_memory = seed, pin_memory
+        # Validation only runs forward passes, so it can take far larger batches than training.
+        self.val_batch_size = val_batch_size or batch_size
+        self.overfit_batches = overfit_batches
+        self.id_map: np.ndarray | None = None  # set by use_vocabulary
         self.batches_served = 0  # restored from checkpoints; the next training batch's index
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
@@ -91,13 +132,13 @@ class CharDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs on one process per node: build the cached encoding so the other ranks only read it.
         if self.corpus is None:
-            prepare_corpus(self.path, self.cache_dir)
+            prepare_corpus(self.path, self.cache_dir, self.glob)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_tokens is not None:
             return
         if self.corpus is None:
-            self.corpus = prepare_corpus(self.path, self.cache_dir)
+            self.corpus = prepare_corpus(self.path, self.cache_dir, self.glob)
         tokens = self.corpus.tokens
         split = int(len(tokens) * (1 - self.val_fraction))
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
@@ -109,25 +150,51 @@ class CharDataModule(L.LightningDataModule):
                     f"{needed} are needed: use a longer text or a smaller model.context_length."
                 )
 
+    def use_vocabulary(self, tokenizer: CharTokenizer) -> None:
+        """Serve ids of `tokenizer` (the model's vocabulary), which must hold every character of the corpus."""
+        corpus_chars = self.corpus.tokenizer.chars
+        if corpus_chars == tokenizer.chars[: len(corpus_chars)]:
+            self.id_map = None  # same ids: nothing to re-number
+            return
+        missing = [c for c in corpus_chars if c not in tokenizer.stoi]
+        if missing:
+            raise NanoLLMError(
+                f"The model's vocabulary lacks {len(missing)} character(s) of the data: {missing[:10]!r}."
+            )
+        self.id_map = np.array([tokenizer.stoi[c] for c in corpus_chars], dtype=np.int64)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = self._rank_and_world()
         dataset = RandomWindows(
-            self.train_tokens, self.context_length, self._per_rank_batch(world), self.seed, rank, self.batches_served
+            self.train_tokens,
+            self.context_length,
+            self._per_rank(self.batch_size, world, "data.batch_size"),
+            self.seed,
+            rank,
+            self.batches_served,
+            self.id_map,
+            self.overfit_batches or None,
         )
         return DataLoader(dataset, batch_size=None, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        dataset = SequentialWindows(self.val_tokens, self.context_length, self._per_rank_batch(world))
+        rank, world = self._rank_and_world()
+        batch = max(self.val_batch_size // world, 1)
+        dataset = SequentialWindows(self.val_tokens, self.context_length, batch, rank, world, self.id_map)
         return DataLoader(dataset, batch_size=None, pin_memory=self.pin_memory)
 
-    def _per_rank_batch(self, world_size: int) -> int:
+    @staticmethod
+    def _per_rank(batch_size: int, world_size: int, key: str) -> int:
         # data.batch_size is the global batch: each of N processes draws batch_size / N windows.
-        if self.batch_size % world_size:
+        if batch_size % world_size:
             raise NanoLLMError(
-                f"data.batch_size ({self.batch_size}) must be divisible by the number of processes ({world_size})."
+                f"{key} ({batch_size}) must be divisible by the number of processes ({world_size}); "
+                f"use a multiple of {world_size}, e.g. {key}={world_size * max(batch_size // world_size, 1)}."
             )
-        return self.batch_size // world_size
+        return batch_size // world_size
 
     def state_dict(self) -> dict:
         # Each optimizer step consumes `accumulate_grad_batches` batches, so the step count gives the position.

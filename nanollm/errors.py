@@ -12,6 +12,12 @@ class NanoLLMError(Exception):
 
 
 class TrainingInterrupted(NanoLLMError):
-    """Ctrl-C stopped training after a checkpoint was saved; exits with the conventional status 130."""
+    """A signal (Ctrl-C, SIGTERM) stopped training after a checkpoint was saved; exits with 128 + the signal."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SweepError(NanoLLMError):
+    """A mistake that every job of a sweep would repeat: the sweep stops at once instead of recording it per job."""

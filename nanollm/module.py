@@ -6,12 +6,13 @@ import math
 import time
 
 import lightning as L
+import numpy as np
 import torch
 
 from nanollm.checkpointing import FORMAT_VERSION, NANOLLM_KEY
 from nanollm.errors import NanoLLMError
 from nanollm.model import ModelConfig, TransformerLanguageModel
-from nanollm.optim import build_optimizer
+from nanollm.optim import apply_new_settings, build_optimizer
 from nanollm.tokenizer import CharTokenizer
 
 
@@ -52,6 +53,10 @@ class LanguageModelModule(L.LightningModule):
         self.val_history: list[dict] = []
         self.first_step_time: float | None = None  # wall clock at the end of this process's first step
         self.progress_metrics: dict[str, str] = {}  # shown by the progress bar
+        # Set when a resumed run changed optimizer or schedule settings: they apply from the restored step on.
+        self.apply_new_settings_on_resume = False
+        self._paused_seconds = 0.0  # validation and checkpoint time inside the current log interval
+        self._paused_since: float | None = None
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning records the running hook in `_current_fx_name` twice per hook call, ~30 times a step;
@@ -68,9 +73,12 @@ class LanguageModelModule(L.LightningModule):
 
     # ---- training -----------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # Dropout's randomness is a function of (seed, step): a resumed run draws the same masks.
+        # Dropout's randomness is a function of (seed, rank, batch index): a resumed run draws the same masks,
+        # while the micro-batches of an accumulated step and the processes of a DDP run all draw different ones.
         if self.model.config.dropout > 0:
-            torch.manual_seed(self.seed * 1_000_003 + self.global_step)
+            accumulate = self.trainer.accumulate_grad_batches
+            index = self.global_step * accumulate + batch_idx % accumulate
+            torch.manual_seed(dropout_seed(self.seed, self.global_rank, index))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -102,13 +110,14 @@ class LanguageModelModule(L.LightningModule):
         # Averaged over processes under DDP (one collective per log interval, none per step).
         mean_loss = self.trainer.strategy.reduce(self._interval_losses[: self._interval_steps].mean(), reduce_op="mean")
         tokens = (self._interval_steps - self._untimed_steps) * self._tokens_per_batch()
+        elapsed = now - self._interval_start - self._paused_seconds - self._checkpoint_seconds()
         # The norm before clipping, i.e. what the data asked for.
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
         self.last_train_loss, self.last_grad_norm = float(mean_loss), float(grad_norm)
         metrics = {
             "train/loss": self.last_train_loss,
             "train/lr": optimizer.param_groups[0]["lr"],
-            "train/tokens_per_second": tokens / max(now - self._interval_start, 1e-9),
+            "train/tokens_per_second": tokens / max(elapsed, 1e-9),
             "train/grad_norm": self.last_grad_norm,
         }
         # Already reduced over the interval, so they go straight to the loggers, as Lightning's own
@@ -131,6 +140,14 @@ class LanguageModelModule(L.LightningModule):
         self._untimed_steps = 0  # steps of this interval run before a resume, outside the timer
         self._interval_first_step = self.global_step + 1 if self._trainer is not None else 0
         self._interval_start = now if now is not None else time.perf_counter()
+        self._paused_seconds = 0.0
+        self._checkpoint_seconds_at_start = self._checkpoint_seconds(0.0)
+
+    def _checkpoint_seconds(self, since: float | None = None) -> float:
+        """Seconds spent writing checkpoints since the interval started (they are not training time)."""
+        io = getattr(self._trainer.strategy, "checkpoint_io", None) if self._trainer is not None else None
+        total = getattr(io, "seconds_writing", 0.0)
+        return total - (self._checkpoint_seconds_at_start if since is None else since)
 
     def _tokens_per_batch(self) -> int:
         # data.batch_size is the global batch (split across processes), so this counts every process's tokens.
@@ -138,6 +155,11 @@ class LanguageModelModule(L.LightningModule):
         return dm.batch_size * self.model.config.context_length if dm is not None else 0
 
     def on_train_start(self) -> None:
+        if self.apply_new_settings_on_resume:
+            config = self.lr_schedulers()
+            apply_new_settings(
+                self.optimizers(use_pl_optimizer=False), config, self.optim, self.trainer.max_steps, self.global_step
+            )
         self._reset_interval()
         restored = getattr(self, "_restored_interval", None)
         losses = restored["losses"].to(self.device) if restored else torch.zeros(0, device=self.device)
@@ -160,6 +182,14 @@ class LanguageModelModule(L.LightningModule):
             )
 
     # ---- validation ---------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._paused_since = time.perf_counter()  # validation time is not training time (tokens/s)
+
+    def on_validation_end(self) -> None:
+        if self._paused_since is not None:
+            self._paused_seconds += time.perf_counter() - self._paused_since
+            self._paused_since = None
+
     def on_validation_epoch_start(self) -> None:
         self._val_loss_sum = torch.zeros((), device=self.device)
         self._val_tokens = torch.zeros((), device=self.device)
@@ -212,6 +242,13 @@ class LanguageModelModule(L.LightningModule):
             # The running mean of the current log interval, so a resumed run reports the same losses.
             "interval": {"losses": self._interval_losses[: self._interval_steps].cpu()},
         }
+        # The keys the runbook documents. torch.save writes a tensor shared by two entries once, so these
+        # aliases of the weights and optimizer state cost no space.
+        checkpoint["model_state_dict"] = self.model.state_dict()
+        checkpoint["optimizer_state_dict"] = (checkpoint.get("optimizer_states") or [None])[0]
+        checkpoint["step"] = self.global_step
+        checkpoint["loss"] = self.last_train_loss
+        checkpoint["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(NANOLLM_KEY, {})
@@ -219,6 +256,13 @@ class LanguageModelModule(L.LightningModule):
         self.last_train_loss = saved.get("train_loss")
         self.last_grad_norm = saved.get("grad_norm")
         self._restored_interval = saved.get("interval")
+        if self.tokenizer is None and saved.get("tokenizer"):  # LanguageModelModule.load_from_checkpoint(path)
+            self.tokenizer = CharTokenizer.from_dict(saved["tokenizer"])
+
+
+def dropout_seed(seed: int, rank: int, batch_index: int) -> int:
+    """A well-mixed 63-bit seed per (seed, rank, batch index), so neighbouring batches get unrelated masks."""
+    return int(np.random.SeedSequence([seed, rank, batch_index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def perplexity(loss: float | None) -> float | None:

@@ -2,12 +2,14 @@
 
 Writes into the sweep directory: summary.json, summary.csv and summary.md (one row per run),
 loss_vs_parameters.png (log-log, with a fitted power law), val_loss_curves.png and
-loss_vs_time.png; for the named scaling experiments also the runbook's `<experiment>.json`.
+loss_vs_time.png; loss_curves.png when the runs logged to CSV (logger=csv or many); for the named
+scaling experiments also the runbook's `<experiment>.json`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -18,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from nanollm.errors import NanoLLMError
+from nanollm.files import atomic_write_text
 
 RUNBOOK_EXPERIMENTS = ("capacity_scaling", "context_scaling", "depth_scaling", "width_scaling")
 COLUMNS = (
@@ -106,15 +109,16 @@ def _row(run: dict) -> dict:
 
 
 def _write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n", what="report")
     return path
 
 
 def _write_csv(path: Path, runs: list[dict]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(_row(r) for r in runs)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(_row(r) for r in runs)
+    atomic_write_text(path, buffer.getvalue(), what="report")
     return path
 
 
@@ -140,7 +144,7 @@ def _write_markdown(path: Path, runs: list[dict], fit: dict | None) -> Path:
         lines.append(
             f"\nPower-law fit: val loss = {fit['coefficient']:.3f} x N^{fit['exponent']:.4f} (N = parameters)."
         )
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", what="report")
     return path
 
 
@@ -164,7 +168,9 @@ def _plots(sweep_dir: Path, runs: list[dict], fit: dict | None) -> dict[str, Pat
             sizes, fit["coefficient"] * sizes ** fit["exponent"], "--", label=f"fit: loss ∝ N^{fit['exponent']:.3f}"
         )
         ax.legend()
-    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="final validation loss", title="Loss vs model size")
+    if done:  # a log axis needs positive values
+        ax.set(xscale="log", yscale="log")
+    ax.set(xlabel="parameters", ylabel="final validation loss", title="Loss vs model size")
     written["loss_vs_parameters.png"] = _save(fig, sweep_dir / "loss_vs_parameters.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -182,7 +188,34 @@ def _plots(sweep_dir: Path, runs: list[dict], fit: dict | None) -> dict[str, Pat
         ax.annotate(r["label"], (r["training_time_seconds"], r["final_val_loss"]), fontsize=7, alpha=0.8)
     ax.set(xlabel="training time (s)", ylabel="final validation loss", title="Loss vs training time")
     written["loss_vs_time.png"] = _save(fig, sweep_dir / "loss_vs_time.png")
+
+    # The runs' CSV logs (logger=csv or logger=many): full training curves without TensorBoard.
+    curves = {r["label"]: read_metrics_csv(sweep_dir / r["job"]) for r in done}
+    curves = {label: rows for label, rows in curves.items() if rows}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for index, (label, rows) in enumerate(curves.items()):
+            color = f"C{index % 10}"
+            for key, style in (("train/loss", "-"), ("val/loss", "--o")):
+                points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, ms=3, color=color, label=f"{label} ({key})")
+        ax.set(xlabel="step", ylabel="loss", title="Training (solid) and validation (dashed) loss, from metrics.csv")
+        ax.legend(fontsize=6)
+        written["loss_curves.png"] = _save(fig, sweep_dir / "loss_curves.png")
     return written
+
+
+def read_metrics_csv(job_dir: Path) -> list[dict]:
+    """The rows of a job's Lightning CSVLogger file (`csv/<run name>/metrics.csv`), numbers parsed."""
+    files = sorted(job_dir.glob("csv/*/metrics.csv"))
+    if not files:
+        return []
+    with open(files[0], newline="") as handle:
+        return [
+            {key: float(value) for key, value in row.items() if value not in ("", None)}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def _save(fig, path: Path) -> Path:

@@ -12,18 +12,30 @@ from nanollm.errors import NanoLLMError
 
 
 class CharTokenizer:
-    """Maps each character of a fixed vocabulary to an integer id and back."""
+    """Maps each character of a vocabulary to an integer id and back.
 
-    def __init__(self, chars: Iterable[str]):
-        self.chars: list[str] = sorted(set(chars))
-        if not self.chars:
-            raise NanoLLMError("Cannot build a vocabulary from empty text: give the tokenizer some characters.")
-        if any(len(c) != 1 for c in self.chars):
-            raise NanoLLMError("CharTokenizer vocabulary entries must be single characters.")
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
+    `CharTokenizer(text_or_chars)` builds the vocabulary at once; `CharTokenizer()` followed by
+    `build_vocab(path)` is the runbook's two-step form.
+    """
+
+    def __init__(self, chars: Iterable[str] | None = None):
+        self.chars: list[str] = []
+        self.stoi: dict[str, int] = {}
         # Lookup table over all of Unicode (4 MB), code point -> token id (-1 = unknown): encoding a
         # corpus becomes one numpy gather instead of a Python loop.
         self._lut = np.full(0x110000, -1, dtype=np.int32)
+        if chars is not None:
+            self._set_chars(sorted(set(chars)))
+
+    def _set_chars(self, chars: list[str]) -> None:
+        """Use `chars` as the vocabulary, in this order (id = position)."""
+        if not chars:
+            raise NanoLLMError("Cannot build a vocabulary from empty text: give the tokenizer some characters.")
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise NanoLLMError("CharTokenizer vocabulary entries must be distinct single characters.")
+        self._lut[[ord(c) for c in self.chars]] = -1
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
         self._lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
 
     # ---- construction -------------------------------------------------------------------
@@ -33,11 +45,24 @@ class CharTokenizer:
         return cls(text)
 
     @classmethod
-    def from_path(cls, path: str | Path) -> CharTokenizer:
-        """Build the vocabulary from a UTF-8 file or a directory of `.txt` files."""
+    def from_path(cls, path: str | Path, glob: str = "**/*.txt") -> CharTokenizer:
+        """Build the vocabulary from a UTF-8 file or the files of a directory that match `glob`."""
+        return cls().build_vocab(path, glob)
+
+    def build_vocab(self, path: str | Path, glob: str = "**/*.txt") -> CharTokenizer:
+        """Set the vocabulary to every character of a UTF-8 file or of a directory's matching files."""
         from nanollm.corpus import scan_vocabulary
 
-        return cls(scan_vocabulary(path))
+        self._set_chars(sorted(scan_vocabulary(path, glob)))
+        return self
+
+    def extended(self, text_chars: Iterable[str]) -> CharTokenizer:
+        """This vocabulary plus the characters of `text_chars` it lacks: old characters keep their ids,
+        new ones are appended in sorted order (for fine-tuning on new text)."""
+        new = sorted(set(text_chars) - set(self.chars))
+        tokenizer = CharTokenizer()
+        tokenizer._set_chars(self.chars + new)
+        return tokenizer
 
     # ---- encode / decode ----------------------------------------------------------------
     @property
@@ -53,6 +78,10 @@ class CharTokenizer:
 
     def encode_array(self, text: str, dtype: np.dtype | type = np.int64, what: str = "Text") -> np.ndarray:
         """Text to a numpy array of token ids (fast path used for whole corpora)."""
+        if not self.chars:
+            raise NanoLLMError(
+                "The tokenizer has no vocabulary yet: call tokenizer.build_vocab('data/raw/sample.txt') first."
+            )
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = self._lut[codes]
         if ids.size and ids.min() < 0:
@@ -75,7 +104,9 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict) -> CharTokenizer:
-        return cls(data["chars"])
+        tokenizer = cls()
+        tokenizer._set_chars(list(data["chars"]))  # stored order: an extended vocabulary is not sorted
+        return tokenizer
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary as JSON."""

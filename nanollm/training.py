@@ -6,6 +6,8 @@ Used by `train.py` and by the Python API, so both train on exactly the same path
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -13,27 +15,25 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from nanollm.callbacks import GracefulInterrupt, TrainingProgressBar
-from nanollm.checkpointing import (
-    FINAL_NAME,
-    LAST_NAME,
-    NANOLLM_KEY,
-    SafeCheckpointIO,
-    architecture_mismatch,
-    atomic_copy,
-    list_checkpoints,
-    resolve_checkpoint,
-)
+from nanollm.callbacks import GracefulInterrupt, StepCheckpoint, TrainingProgressBar
+from nanollm.checkpointing import SafeCheckpointIO, atomic_copy
 from nanollm.config import model_config_from, validate_config
-from nanollm.corpus import EncodedCorpus
+from nanollm.corpus import DEFAULT_GLOB, EncodedCorpus
 from nanollm.data import CharDataModule
+from nanollm.distributed import shared_plan
 from nanollm.errors import NanoLLMError
+from nanollm.files import atomic_write_text
 from nanollm.generation import generate_text, usable_prompt
-from nanollm.model import ModelConfig, TransformerLanguageModel
+from nanollm.loggers import EXTRAS, log_final
+from nanollm.model import TransformerLanguageModel
 from nanollm.module import LanguageModelModule, perplexity
+from nanollm.start import Start, load_start, plan_start, start_weights
+from nanollm.tokenizer import CharTokenizer
 
 # Our batches come from vectorised indexing into a memmap; worker processes would only add IPC.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -52,92 +52,181 @@ def run(
     corpus: EncodedCorpus | None = None,
     callbacks: list[L.Callback] | None = None,
     echo=print,
+    explicit: set[str] | None = None,
+    extension: str = ".ckpt",
+    results_file: bool = True,
 ) -> dict[str, Any]:
-    """Train as `cfg` says and return the results (also written to `<run_dir>/results.json`)."""
+    """Train as `cfg` says and return the results (also written to `<run_dir>/results.json`).
+
+    `explicit`: the config keys the user set (a resumed run takes every other recipe setting from its
+    checkpoint). The runbook API writes `.pt` checkpoints and no results.json: its directory holds
+    exactly the files the runbook lists.
+    """
     validate_config(cfg)
-    run_dir = Path(cfg.run_dir)
-    checkpoint_dir = Path(cfg.checkpoint_dir)
-    if cfg.seed is not None:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+    start = start_run(cfg, explicit or set())
+    cfg = start.config
+    validate_config(cfg)
+    L.seed_everything(start.seed, workers=True, verbose=False)
+    if uses_cuda(cfg.trainer):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
+    datamodule = build_datamodule(cfg, corpus, start.seed)
+    tokenizer, added = run_vocabulary(datamodule, start)
+    if tokenizer is None and model is not None:  # ids the caller encoded: they must fit the model
+        _check_token_ids(datamodule.corpus.tokens, model.config.vocab_size)
+    module = LanguageModelModule(
+        model_config=(model.config if model is not None else model_config_from(cfg, tokenizer.vocab_size)).to_dict(),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        seed=start.seed,
+        compile=bool(cfg.get("compile", False)),
+        model=model if model is not None else start_weights(model_config_from(cfg, tokenizer.vocab_size), start),
+    )
+    module.apply_new_settings_on_resume = any(c.startswith(("optim.", "trainer.max_steps")) for c in start.changes)
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    interrupt = GracefulInterrupt(checkpoint_dir, last_name=f"last{extension}")
+    trainer = build_trainer(cfg, [*(callbacks or []), interrupt], extension)
+
+    if trainer.is_global_zero:
+        echo(_summary(cfg, module, datamodule, trainer, start, added))
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(start), weights_only=True)
+    training_time = time.perf_counter() - started
+
+    final_path = checkpoint_dir / f"checkpoint_final{extension}"
+    if interrupt.saved_path is None:
+        finish_training(trainer, module, datamodule, final_path, extension)
+    results = _results(cfg, module, trainer, training_time, final_path, interrupt, start, added)
+    _log_hparams(trainer, cfg, results)
+    if trainer.is_global_zero:
+        if tokenizer is not None and cfg.sample.max_new_tokens > 0:
+            results["sample"] = sample_text(module.model, tokenizer, cfg.sample)
+        if results_file:
+            atomic_write_text(Path(cfg.run_dir) / "results.json", json.dumps(results, indent=2) + "\n", what="results")
+    return results
+
+
+def start_run(cfg: DictConfig, explicit: set[str]) -> Start:
+    """Rank 0 plans the start (run directory, checkpoint, seed); every process follows that plan."""
+    # The run directory too: Lightning's SLURM auto-requeue saves hpc_ckpt_<n>.ckpt there.
+    own_dirs = list(dict.fromkeys([Path(cfg.checkpoint_dir), Path(cfg.run_dir)]))
+    plan = shared_plan(cfg.trainer, lambda: plan_start(cfg, own_dirs))
+    if Path(plan["run_dir"]) != Path(cfg.run_dir):
+        _discard_unused_run_dir(Path(cfg.run_dir))
+    return load_start(cfg, plan, explicit)
+
+
+def _discard_unused_run_dir(run_dir: Path) -> None:
+    """Another node's process: its Hydra made a run directory of its own, which rank 0's replaces."""
+    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _resume_path(start: Start) -> str | None:
+    return str(start.path) if start.kind == "resume" else None
+
+
+def uses_cuda(trainer_cfg: DictConfig) -> bool:
+    accelerator = str(trainer_cfg.get("accelerator"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def build_datamodule(cfg: DictConfig, corpus: EncodedCorpus | None, seed: int) -> CharDataModule:
     datamodule = CharDataModule(
         path=None if corpus is not None else cfg.data.path,
         context_length=cfg.model.context_length,
         batch_size=cfg.data.batch_size,
         val_fraction=cfg.data.val_fraction,
-        seed=cfg.seed or 0,
+        seed=seed,
         cache_dir=cfg.data.get("cache_dir"),
         corpus=corpus,
-        pin_memory=str(cfg.trainer.accelerator) in ("gpu", "cuda"),
+        pin_memory=uses_cuda(cfg.trainer),
+        glob=cfg.data.get("glob") or DEFAULT_GLOB,
+        val_batch_size=cfg.data.get("val_batch_size"),
+        overfit_batches=cfg.data.get("overfit_batches") or 0,
     )
     datamodule.setup("fit")
-    tokenizer = datamodule.corpus.tokenizer
-    model_config = model.config if model is not None else model_config_from(cfg, tokenizer.vocab_size)
-    if int(datamodule.corpus.tokens.max()) >= model_config.vocab_size:
+    return datamodule
+
+
+def run_vocabulary(datamodule: CharDataModule, start: Start) -> tuple[CharTokenizer | None, int]:
+    """The model's vocabulary and how many characters fine-tuning added to it.
+
+    A resumed run keeps its checkpoint's vocabulary, which must hold every character of the data;
+    fine-tuning (`init_from`) appends the new text's unseen characters to it.
+    """
+    text_tokenizer = datamodule.corpus.tokenizer
+    if start.tokenizer is None or text_tokenizer is None:
+        return text_tokenizer, 0
+    if start.kind == "resume":
+        unseen = sorted(set(text_tokenizer.chars) - set(start.tokenizer.chars))
+        if unseen:
+            raise NanoLLMError(
+                f"Checkpoint '{start.path}' was trained on text with a different character set than data.path "
+                f"({len(unseen)} new character(s), e.g. {unseen[:5]!r}); resume with the same data, or fine-tune "
+                f"on the new text with init_from={start.path}."
+            )
+        tokenizer = start.tokenizer
+    else:
+        tokenizer = start.tokenizer.extended(text_tokenizer.chars)
+    datamodule.use_vocabulary(tokenizer)
+    return tokenizer, tokenizer.vocab_size - start.tokenizer.vocab_size
+
+
+def _check_token_ids(tokens, vocab_size: int) -> None:
+    largest = int(tokens.max())
+    if largest >= vocab_size:
         raise NanoLLMError(
-            f"Token id {int(datamodule.corpus.tokens.max())} is outside the model's vocabulary "
-            f"(vocab_size {model_config.vocab_size}); build the model with the tokenizer's vocab_size."
+            f"Token id {largest} is outside the model's vocabulary (vocab_size {vocab_size}); "
+            "build the model with the tokenizer's vocab_size."
         )
 
-    found = resolve_checkpoint(cfg.ckpt_path, checkpoint_dir, Path(cfg.outputs_dir))
-    resume_from = found[0] if found else None
-    if found is not None:
-        _check_resumable(*found, model_config.to_dict(), tokenizer)
-    elif list_checkpoints(checkpoint_dir):
-        raise NanoLLMError(
-            f"'{checkpoint_dir}' already holds checkpoints of another run; resume it with ckpt_path=last "
-            "or start a new run in another directory (hydra.run.dir=...)."
-        )
 
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    module = LanguageModelModule(
-        model_config=model_config.to_dict(),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
-        run_config=run_config,
-        seed=cfg.seed or 0,
-        compile=bool(cfg.get("compile", False)),
-        model=model,
-    )
-    interrupt = GracefulInterrupt(checkpoint_dir)
-    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks = [*configured, *(callbacks or []), interrupt]
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], extension: str) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.FILE_EXTENSION = extension
+    callbacks += extra_callbacks
     if cfg.trainer.get("enable_progress_bar", True):
         # tqdm, explicitly: Lightning picks its Rich bar when `rich` is installed, which shows "Epoch 0/-2"
         # for step-based training. Redrawn on the logging interval, when the shown metrics change.
         callbacks.append(TrainingProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        plugins=[SafeCheckpointIO()],
-        val_check_interval=_val_check_batches(cfg.trainer),
-        _convert_="partial",
-    )
+    loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    try:
+        return instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[SafeCheckpointIO()],
+            val_check_interval=_val_check_batches(cfg.trainer),
+            _convert_="partial",
+        )
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise NanoLLMError(
+            f"Lightning refused the trainer settings: {reason} (check the trainer.* overrides)."
+        ) from None
 
-    if trainer.is_global_zero:
-        echo(_summary(cfg, module, datamodule, trainer, run_dir, resume_from))
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
-    training_time = time.perf_counter() - started
 
-    final_path = checkpoint_dir / FINAL_NAME
-    if interrupt.saved_path is None:
-        if not module.val_history or module.val_history[-1]["step"] != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)
-        trainer.save_checkpoint(final_path, weights_only=False)
-        if trainer.is_global_zero:
-            atomic_copy(final_path, checkpoint_dir / LAST_NAME)
-    results = _results(cfg, module, trainer, training_time, final_path, interrupt)
-    _log_hparams(trainer, cfg, results)
-    if trainer.is_global_zero:
-        if tokenizer is not None and cfg.sample.max_new_tokens > 0:
-            results["sample"] = sample_text(module.model, tokenizer, cfg.sample)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+def instantiate_logger(logger_cfg: DictConfig):
+    """A Lightning logger from its config; a tracker whose package is missing names the extra to install."""
+    if str(logger_cfg.get("tracking_uri", "")).startswith("file:"):
+        # MLflow 3 keeps its local file store (no server, no database) behind this switch.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        return instantiate(logger_cfg)
+    except InstantiationException as err:
+        cause = err.__cause__
+        name = str(logger_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+        if isinstance(cause, (ImportError, ModuleNotFoundError)) and name in EXTRAS:
+            extra = EXTRAS[name]
+            raise NanoLLMError(
+                f"logger={extra} needs the optional '{extra}' extra: pip install -e '.[{extra}]' (or use logger=csv)."
+            ) from None
+        raise NanoLLMError(f"Could not create the logger {name}: {str(cause or err).splitlines()[0]}") from None
 
 
 def _val_check_batches(trainer_cfg: DictConfig):
@@ -148,56 +237,92 @@ def _val_check_batches(trainer_cfg: DictConfig):
     return interval
 
 
-def _check_resumable(path: Path, checkpoint: dict, wanted_model: dict, tokenizer) -> None:
-    saved = checkpoint[NANOLLM_KEY]
-    mismatched = architecture_mismatch(ModelConfig.from_saved(saved["model"]).to_dict(), wanted_model)
-    if mismatched:
-        raise NanoLLMError(
-            f"Checkpoint '{path}' has a different architecture than the config: {', '.join(mismatched)}. "
-            "Use the same model settings as the checkpoint, or start a new run without ckpt_path."
-        )
-    if tokenizer is not None and saved.get("tokenizer") and saved["tokenizer"] != tokenizer.to_dict():
-        raise NanoLLMError(
-            f"Checkpoint '{path}' was trained on text with a different character set than data.path; "
-            "resume with the same data, or start a new run."
-        )
+def finish_training(trainer: L.Trainer, module: LanguageModelModule, datamodule, final_path: Path, extension: str):
+    """Validate at the last step if that was not done, save the final checkpoint, `last` and `best`."""
+    if not module.val_history or module.val_history[-1]["step"] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)
+    trainer.save_checkpoint(final_path, weights_only=False)
+    if not trainer.is_global_zero:
+        return
+    step_checkpoints = next((c for c in trainer.checkpoint_callbacks if isinstance(c, StepCheckpoint)), None)
+    if step_checkpoints is not None and step_checkpoints.save_last:
+        atomic_copy(final_path, final_path.with_name(f"last{extension}"))
+    # The validation after training runs outside fit, where ModelCheckpoint does not save: if it is the best
+    # so far, the final checkpoint is the best one.
+    best = _best_checkpoint_callback(trainer)
+    final_loss = module.val_history[-1]["val_loss"] if module.val_history else None
+    if best is not None and final_loss is not None and final_loss <= min(h["val_loss"] for h in module.val_history):
+        best_path = Path(best.dirpath) / f"{best.filename}{extension}"
+        if best.best_model_path != str(best_path) or float(best.best_model_score) > final_loss:
+            atomic_copy(final_path, best_path)
+            best.best_model_path, best.best_model_score = str(best_path), torch.tensor(final_loss)
 
 
-def _summary(cfg, module, datamodule, trainer, run_dir: Path, resume_from) -> str:
+def _best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    return next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/loss"), None)
+
+
+def _summary(cfg, module, datamodule, trainer, start: Start, added: int) -> str:
     lines = [
         f"nanollm | model {cfg.model.get('name', 'custom')} | {module.model.num_parameters():,} parameters | "
         f"vocabulary {module.model.config.vocab_size} | train {len(datamodule.train_tokens):,} tokens | "
         f"val {len(datamodule.val_tokens):,} tokens",
         f"device {trainer.strategy.root_device} x{trainer.world_size} | precision {trainer.precision} | "
-        f"{cfg.trainer.max_steps} steps of {cfg.data.batch_size} x {cfg.model.context_length} tokens",
-        f"run directory {run_dir}",
+        f"{cfg.trainer.max_steps} steps of {cfg.data.batch_size} x {cfg.model.context_length} tokens"
+        + (f" x {trainer.accumulate_grad_batches} batches" if trainer.accumulate_grad_batches > 1 else "")
+        + f" | seed {start.seed}",
+        f"run directory {cfg.run_dir}",
     ]
-    if resume_from:
-        lines.append(f"resuming from {resume_from}")
+    if start.kind == "resume":
+        lines.append(f"resuming from {start.path}")
+    if start.changes:
+        lines.append(
+            f"resuming with changed settings: {'; '.join(start.changes)} (they apply from step "
+            f"{start.checkpoint['global_step']} on; the run is no longer an exact continuation)"
+        )
+    if start.kind == "init":
+        lines.append(
+            f"fine-tuning from {start.path} (weights only: new optimizer and schedule; "
+            f"{added} new character(s) added to the vocabulary)"
+        )
     return "\n".join(lines)
 
 
-def _results(cfg, module, trainer, training_time, final_path, interrupt) -> dict[str, Any]:
+def _results(cfg, module, trainer, training_time, final_path, interrupt, start: Start, added: int) -> dict[str, Any]:
     val_loss = module.val_history[-1]["val_loss"] if module.val_history else None
     steps_run = trainer.global_step
-    tokens_seen = steps_run * cfg.data.batch_size * cfg.model.context_length
+    # Each optimizer step consumes accumulate_grad_batches batches of data.batch_size windows.
+    tokens_seen = steps_run * trainer.accumulate_grad_batches * cfg.data.batch_size * cfg.model.context_length
+    best = min(module.val_history, key=lambda h: h["val_loss"], default=None)
+    best_callback = _best_checkpoint_callback(trainer)
     return {
         "status": "interrupted" if interrupt.saved_path else "completed",
+        "stopped_by": interrupt.received.name if interrupt.saved_path else None,
+        "stopped_early": interrupt.saved_path is None and steps_run < cfg.trainer.max_steps,
         "experiment_name": cfg.get("experiment_name"),
         "overrides": _overrides(),
         "model": cfg.model.get("name", "custom"),
         "num_parameters": module.model.num_parameters(),
         "vocab_size": module.model.config.vocab_size,
+        "seed": start.seed,
+        "resumed_from": str(start.path) if start.kind == "resume" else None,
+        "resumed_with_changes": start.changes,
+        "init_from": str(start.path) if start.kind == "init" else None,
+        "added_characters": added,
         "training_time_seconds": round(training_time, 3),
+        "start_step": int(start.checkpoint["global_step"]) if start.kind == "resume" else 0,
         "global_step": steps_run,
         "tokens_seen": tokens_seen,
         "tokens_per_second": tokens_seen / training_time if training_time > 0 else None,
         "final_train_loss": module.last_train_loss,
         "final_val_loss": val_loss,
         "final_val_perplexity": perplexity(val_loss),
-        "best_val_loss": min((h["val_loss"] for h in module.val_history), default=None),
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_step": best["step"] if best else None,
+        "best_checkpoint": best_callback.best_model_path or None if best_callback is not None else None,
         "final_grad_norm": module.last_grad_norm,
         "first_step_unix_time": module.first_step_time,
+        "finished_unix_time": time.time(),
         "val_loss_estimate": "full pass over the validation split",
         "val_history": module.val_history,
         "checkpoint_path": str(interrupt.saved_path or final_path),
@@ -232,12 +357,11 @@ HPARAM_METRICS = ("final_val_loss", "best_val_loss", "final_val_perplexity", "fi
 
 
 def _log_hparams(trainer: L.Trainer, cfg: DictConfig, results: dict) -> None:
-    """Hyperparameters with the final metrics, so TensorBoard's HParams tab compares the runs of a sweep."""
+    """Hyperparameters with the final metrics, so a tracker's table (TensorBoard's HParams tab) compares runs."""
     params = {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
     metrics = {f"hparams/{key}": results[key] for key in HPARAM_METRICS if results.get(key) is not None}
     for logger in trainer.loggers:
-        logger.log_hyperparams(params, metrics)
-        logger.finalize("success")
+        log_final(logger, params, metrics, trainer.global_step)
 
 
 def sample_text(model: TransformerLanguageModel, tokenizer, sample: DictConfig) -> str:

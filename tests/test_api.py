@@ -1,5 +1,7 @@
-"""The runbook's Python API, used as the runbook shows."""
+"""The Python API: the runbook's own code, run as it is written, and the API's extras."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,6 @@ import torch
 
 from nanollm import (
     CharTokenizer,
-    NanoLLMError,
     TransformerLanguageModel,
     generate_text,
     load_checkpoint,
@@ -16,91 +17,107 @@ from nanollm import (
     train_with_config,
 )
 from tests.conftest import SAMPLE
+from tests.test_reliability import assert_same_state
 
 
-def runbook_model(tokenizer):
-    return TransformerLanguageModel(
-        vocab_size=tokenizer.vocab_size,
-        embedding_dim=32,
-        num_layers=2,
-        num_heads=4,
-        ffn_hidden_dim=64,
-        context_length=32,
-    )
+def test_the_runbooks_code_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The runbook's calls in its order, with its argument names, file names and result access; only the
+    imports (`from nanollm import ...`), num_steps/checkpoint_interval (lowered) and the hard-coded
+    vocab_size=42 of its loading section (its own sample had 42 characters) differ."""
+    monkeypatch.chdir(tmp_path)
+    Path("data/raw").mkdir(parents=True)
+    shutil.copy(SAMPLE, "data/raw/sample.txt")
 
-
-def test_runbook_flow_train_checkpoint_load_generate(tmp_path):
-    text = SAMPLE.read_text(encoding="utf-8")
-    tokenizer = CharTokenizer.from_text(text)
-    set_seed(42)
-    model = runbook_model(tokenizer)
+    # --- Quick Start, step 2: train_nano.py -------------------------------------------------------
+    tokenizer = CharTokenizer()
+    tokenizer.build_vocab("data/raw/sample.txt")
+    with open("data/raw/sample.txt", encoding="utf-8") as f:
+        text = f.read()
+    tokens = tokenizer.encode(text)
+    print(f"Vocabulary size: {tokenizer.vocab_size}")
+    print(f"Total tokens: {len(tokens)}")
     config = {
         "vocab_size": tokenizer.vocab_size,
         "embedding_dim": 32,
         "num_layers": 2,
         "ffn_hidden_dim": 64,
-        "learning_rate": 3e-3,
-        "num_steps": 30,
+        "learning_rate": 1e-3,
+        "num_steps": 40,
         "seed": 42,
-        "checkpoint_dir": str(tmp_path / "ckpts"),
-        "checkpoint_interval": 10,
-        "batch_size": 16,
-        "progress_bar": False,
+        "checkpoint_dir": "checkpoints/nano",
+        "checkpoint_interval": 20,
     }
-    result = train_with_config(model, tokenizer.encode(text), config, tokenizer=tokenizer)
-    assert result["final_loss"] < 4.0 and result["final_grad_norm"] > 0 and result["global_step"] == 30
-    names = {p.name for p in Path(config["checkpoint_dir"]).iterdir()}
-    assert {
-        "checkpoint_step_10.ckpt",
-        "checkpoint_step_20.ckpt",
-        "checkpoint_step_30.ckpt",
-        "checkpoint_final.ckpt",
-    } <= names
-
-    fresh = runbook_model(tokenizer)
-    step, loss = load_checkpoint(Path(config["checkpoint_dir"]) / "checkpoint_final.ckpt", fresh)
-    assert step == 30 and loss == pytest.approx(result["final_loss"])
-    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    text_a = generate_text(fresh, tokenizer, "The ", max_length=30, temperature=0.8, top_k=40, seed=1)
-    assert text_a.startswith("The ") and len(text_a) == 34
-    assert text_a == generate_text(model, tokenizer, "The ", max_length=30, temperature=0.8, top_k=40, seed=1)
-
-    # Resuming continues from the saved step, on the same Lightning path.
-    config.update(num_steps=40, checkpoint_dir=str(tmp_path / "more"))
-    resumed = train_with_config(
-        fresh,
-        tokenizer.encode(text),
-        config,
-        tokenizer=tokenizer,
-        resume_from=Path(tmp_path / "ckpts" / "checkpoint_step_20.ckpt"),
+    set_seed(config["seed"])
+    model = TransformerLanguageModel(
+        vocab_size=config["vocab_size"],
+        embedding_dim=config["embedding_dim"],
+        num_layers=config["num_layers"],
+        ffn_hidden_dim=config["ffn_hidden_dim"],
     )
-    assert resumed["global_step"] == 40
+    print("Starting training...")
+    results = train_with_config(model, tokens, config)
+    print(f"Final loss: {results['final_loss']:.4f}")
+    print(f"Final gradient norm: {results['final_grad_norm']:.4f}")
+    print(f"Checkpoint saved to: {config['checkpoint_dir']}/checkpoint_final.pt")
+    out = capsys.readouterr().out
+    assert "Vocabulary size: 57\nTotal tokens: 42" in out and "Final loss: " in out
+    assert 1.0 < results["final_loss"] < 4.0 and results["final_grad_norm"] > 0
 
-    # The checkpoint stores the vocabulary: the model can be rebuilt from the file alone.
-    loaded, loaded_tok = load_model(Path(config["checkpoint_dir"]) / "checkpoint_final.ckpt")
-    assert loaded_tok == tokenizer and loaded.num_parameters() == model.num_parameters()
+    # --- Step 4: ls checkpoints/nano/ ---------------------------------------------------------------
+    assert sorted(os.listdir("checkpoints/nano")) == ["checkpoint_final.pt", "checkpoint_step_20.pt"]
+    # --- Checkpoints: the keys each file holds --------------------------------------------------------
+    saved = torch.load("checkpoints/nano/checkpoint_final.pt", weights_only=True)
+    assert {"model_state_dict", "optimizer_state_dict", "step", "loss", "config"} <= saved.keys()
+    assert saved["step"] == 40 and saved["loss"] == pytest.approx(results["final_loss"])
+    for name, value in saved["model_state_dict"].items():  # the same tensors as Lightning's entry: stored once
+        assert value.untyped_storage().data_ptr() == saved["state_dict"][f"model.{name}"].untyped_storage().data_ptr()
+    finished = {"weights": saved["state_dict"], "optimizer": saved["optimizer_states"]}
 
+    # --- Resume training from checkpoint -------------------------------------------------------------
+    results = train_with_config(model, tokens, config, resume_from="checkpoints/nano/checkpoint_step_20.pt")
+    assert results["start_step"] == 20 and results["global_step"] == 40  # 20 steps, from the checkpoint on
+    resumed = torch.load("checkpoints/nano/checkpoint_final.pt", weights_only=True)
+    assert_same_state(finished, {"weights": resumed["state_dict"], "optimizer": resumed["optimizer_states"]})
 
-def test_api_rejects_bad_input(tmp_path):
-    tokenizer = CharTokenizer.from_text("abcdef")
-    model = runbook_model(tokenizer)
-    with pytest.raises(NanoLLMError, match="at least 2 tokens"):
-        train_with_config(model, [1], {"checkpoint_dir": str(tmp_path)})
-    with pytest.raises(NanoLLMError, match="context_length"):
-        train_with_config(model, tokenizer.encode("abcdef" * 3), {"checkpoint_dir": str(tmp_path), "num_steps": 2})
-    other = TransformerLanguageModel(
-        vocab_size=6, embedding_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32, context_length=8
+    # --- Loading and Using a Trained Model ------------------------------------------------------------
+    model = TransformerLanguageModel(
+        vocab_size=tokenizer.vocab_size,  # the runbook writes 42: "Must match training"
+        embedding_dim=32,
+        num_layers=2,
+        ffn_hidden_dim=64,
     )
-    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(NanoLLMError, match="damaged"):
-        load_checkpoint(tmp_path / "x.ckpt", other)
+    checkpoint_info = load_checkpoint("checkpoints/nano/checkpoint_final.pt", model)
+    print(f"Loaded checkpoint from step {checkpoint_info['step']}")
+    print(f"Checkpoint loss: {checkpoint_info['loss']:.4f}")
+    model.eval()
+    assert checkpoint_info["step"] == 40 and checkpoint_info.step == 40
+    tokenizer = CharTokenizer()
+    tokenizer.build_vocab("data/raw/sample.txt")
+    output = generate_text(
+        model=model, tokenizer=tokenizer, prompt="The quick", max_length=100, temperature=0.8, top_k=40, seed=42
+    )
+    print(output)
+    assert output.startswith("The quick") and len(output) == len("The quick") + 100
+    assert output == generate_text(model, tokenizer, "The quick", 100, 0.8, 40, 42)  # the seed fixes the text
 
 
-def test_final_loss_and_grad_norm_are_measured_when_steps_do_not_fill_a_log_interval(tmp_path):
-    tokenizer = CharTokenizer.from_text(SAMPLE.read_text(encoding="utf-8"))
-    model = runbook_model(tokenizer)
+def test_checkpoints_of_the_api_rebuild_the_model_alone_when_given_the_tokenizer(tmp_path):
+    text = SAMPLE.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    model = TransformerLanguageModel(
+        vocab_size=tokenizer.vocab_size,
+        embedding_dim=16,
+        num_layers=1,
+        num_heads=2,
+        ffn_hidden_dim=32,
+        context_length=16,
+    )
     config = {"num_steps": 7, "checkpoint_dir": str(tmp_path), "checkpoint_interval": 5, "progress_bar": False}
-    result = train_with_config(model, tokenizer.encode(SAMPLE.read_text(encoding="utf-8")[:4000]), config)
-    assert result["global_step"] == 7  # the log interval is 10 steps
-    assert result["final_loss"] is not None and result["final_grad_norm"] is not None
+    result = train_with_config(model, tokenizer.encode(text[:4000]), config, tokenizer=tokenizer)
+    # The final loss and grad norm are measured even when the steps do not fill a log interval (10 steps).
+    assert result["global_step"] == 7 and result["final_loss"] is not None and result["final_grad_norm"] is not None
+    loaded, loaded_tokenizer = load_model(tmp_path / "checkpoint_final.pt")
+    assert loaded_tokenizer == tokenizer
+    assert_same_state(dict(loaded.state_dict()), dict(model.state_dict()))
+    step, loss = load_checkpoint(tmp_path / "checkpoint_final.pt", loaded)  # tuple unpacking works too
+    assert step == 7 and loss == pytest.approx(result["final_loss"])

@@ -1,27 +1,43 @@
 """The bad-input catalogue: every user mistake, through the real entry points.
 
 Each case must exit non-zero with exactly one `error:` line naming the problem, print no
-traceback, and leave every file that existed before untouched.
+traceback, and leave every file that existed before untouched. The cases run the entry points'
+`__main__` in this process (`run_cli`, the same code as `python train.py ...`); a few also run
+as a subprocess, to show the two agree.
 """
 
-import os
+import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanollm import CharTokenizer, NanoLLMError, TransformerLanguageModel, generate_text, load_checkpoint
-from tests.conftest import ROOT, SAMPLE, assert_user_error, run_script, train_args
+from nanollm import (
+    CharTokenizer,
+    NanoLLMError,
+    TransformerLanguageModel,
+    generate_text,
+    load_checkpoint,
+    train_with_config,
+)
+from tests.conftest import SAMPLE, assert_user_error, run_cli, run_script, train_args
+
+
+def crafted(source: Path, target: Path, change) -> None:
+    """A copy of a good checkpoint with `change(checkpoint)` applied: it still loads safely."""
+    checkpoint = torch.load(source, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, target)
+
+
+def _nan_weights(checkpoint):
+    checkpoint["state_dict"]["model.final_norm.weight"][0] = math.nan
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, trained_run):
-    """Bad data files, a copy of a finished run and crafted checkpoints, shared by the cases."""
+    """Bad data files, copies of a finished run and crafted checkpoints, shared by the cases."""
     ws = tmp_path_factory.mktemp("bad")
     (ws / "empty.txt").write_text("", encoding="utf-8")
     (ws / "one.txt").write_text("a", encoding="utf-8")
@@ -30,8 +46,16 @@ def workspace(tmp_path_factory, trained_run):
     (ws / "no_text").mkdir()
     (ws / "no_text" / "notes.md").write_text("not a .txt file", encoding="utf-8")
     shutil.copytree(trained_run, ws / "done")
-    (ws / "damaged.ckpt").write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    shutil.copytree(trained_run, ws / "other")
+    good = trained_run / "checkpoints" / "last.ckpt"
+    (ws / "damaged.ckpt").write_bytes(good.read_bytes()[:5000])
     torch.save({"state_dict": {}, "epoch": 0}, ws / "foreign.ckpt")
+    crafted(good, ws / "unknown_key.ckpt", lambda c: c["nanollm"]["model"].update(mixture_of_experts=8))
+    crafted(good, ws / "no_model.ckpt", lambda c: c["nanollm"].pop("model"))
+    crafted(good, ws / "nan.ckpt", _nan_weights)
+    crafted(good, ws / "absurd.ckpt", lambda c: c["nanollm"]["model"].update(embedding_dim=2**30, num_heads=2))
+    (ws / "no_best").mkdir()
+    (ws / "new_letters.txt").write_text("Only new letters: ÆØÅ æøå " * 100, encoding="utf-8")
     return ws
 
 
@@ -39,19 +63,30 @@ def snapshot(root: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+DONE = "{ws}/done/checkpoints/last.ckpt"
+MALFORMED = {  # checkpoints that load safely but cannot be used: each named with its problem
+    "unknown model key": ("unknown_key.ckpt", ["unknown_key.ckpt", "unknown model settings", "mixture_of_experts"]),
+    "no model record": ("no_model.ckpt", ["no_model.ckpt", "no model record"]),
+    "NaN weights": ("nan.ckpt", ["nan.ckpt", "NaN/Inf weights", "earlier checkpoint"]),
+    "absurd sizes": ("absurd.ckpt", ["absurd.ckpt", "inconsistent", "embedding_dim"]),
+}
 TRAIN_CASES = {
+    # data
     "missing file": (["data.path={ws}/missing.txt"], ["missing.txt", "does not exist"]),
     "empty file": (["data.path={ws}/empty.txt"], ["Token sequence must have at least 2 tokens"]),
     "one character": (["data.path={ws}/one.txt"], ["Token sequence must have at least 2 tokens"]),
     "binary file": (["data.path={ws}/binary.txt"], ["binary.txt", "not valid UTF-8", "offset 8"]),
     "shorter than context": (["data.path={ws}/short.txt"], ["context_length"]),
-    "directory without text": (["data.path={ws}/no_text"], ["no .txt files"]),
+    "directory without text": (["data.path={ws}/no_text"], ["no files matching '**/*.txt'", "data.glob"]),
+    "cache directory under a file": (["data.cache_dir={ws}/one.txt/cache"], ["data.cache_dir", "Not a directory"]),
+    # values
     "heads do not divide width": (["model.num_heads=3"], ["model.embedding_dim (16)", "model.num_heads (3)"]),
     "zero width": (["model.embedding_dim=0"], ["model.embedding_dim", "positive integer"]),
     "negative layers": (["model.num_layers=-1"], ["model.num_layers"]),
     "zero context": (["model.context_length=0"], ["model.context_length"]),
     "dropout 1": (["model.dropout=1.0"], ["model.dropout", "[0, 1)"]),
     "negative dropout": (["model.dropout=-0.1"], ["model.dropout"]),
+    "text as dropout": (["model.dropout=abc"], ["model.dropout", "'abc'"]),
     "unknown position encoding": (["model.position_encoding=alibi"], ["model.position_encoding", "rope, learned"]),
     "odd head size with rope": (
         ["model.embedding_dim=18", "model.num_heads=2"],
@@ -59,51 +94,93 @@ TRAIN_CASES = {
     ),
     "zero learning rate": (["optim.lr=0"], ["optim.lr", "> 0"]),
     "negative learning rate": (["optim.lr=-0.001"], ["optim.lr"]),
+    "betas outside [0, 1)": (["optim.betas=[2,2]"], ["optim.betas[0]", "[0, 1)"]),
+    "negative final learning rate": (["optim.min_lr_ratio=-1"], ["optim.min_lr_ratio", "[0, 1]"]),
     "zero batch": (["data.batch_size=0"], ["data.batch_size", ">= 1"]),
     "zero steps": (["trainer.max_steps=0"], ["trainer.max_steps", ">= 1"]),
+    "zero accumulation": (["trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches", ">= 1"]),
+    "NaN clipping": (["trainer.gradient_clip_val=nan"], ["trainer.gradient_clip_val", "nan"]),
     "text where a number goes": (["model.num_layers=two"], ["model.num_layers"]),
+    "negative seed": (["seed=-5"], ["seed", "-5"]),
+    "keep no checkpoints": (["checkpoint_keep=0"], ["checkpoint_keep", ">= 1"]),
+    "zero sample temperature": (["sample.temperature=0"], ["sample.temperature", "> 0"]),
+    "zero sample top_k": (["sample.top_k=0"], ["sample.top_k", ">= 1"]),
+    "negative sample length": (["sample.max_new_tokens=-1"], ["sample.max_new_tokens", ">= 0"]),
+    # Hydra and Lightning
     "unknown preset": (["model=huge"], ["unknown model 'huge'", "nano"]),
     "unknown trainer": (["trainer=tpu"], ["unknown trainer 'tpu'"]),
+    "unknown key": (["foo=1"], ["unknown config key 'foo'", "+foo="]),
+    "unquoted comma": (["sample.prompt=Hi,", "you?"], ["could not parse the override", "quote"]),
+    "bogus precision": (["trainer.precision=bogus"], ["Precision 'bogus' is invalid", "trainer"]),
+    "GPU accelerator without a GPU": (["trainer.accelerator=gpu"], ["no CUDA GPU", "trainer.accelerator=cpu"]),
+    "FSDP without a GPU": (["trainer=fsdp"], ["no CUDA GPU", "trainer.accelerator=cpu"]),
+    # checkpoints
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["nope.ckpt", "does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged.ckpt", "damaged"]),
     "text file as checkpoint": ([f"ckpt_path={SAMPLE}"], ["sample.txt", "not a checkpoint"]),
     "foreign checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["foreign.ckpt", "not a nanollm checkpoint"]),
     "other architecture": (
-        ["ckpt_path={ws}/done/checkpoints/last.ckpt", "model.embedding_dim=32", "model.num_heads=4"],
+        [f"ckpt_path={DONE}", "model.embedding_dim=32", "model.num_heads=4"],
         ["different architecture", "model.embedding_dim (checkpoint 16, config 32)"],
     ),
+    "no best checkpoint anywhere": (
+        ["ckpt_path=best", "outputs_dir={ws}/no_best"],
+        ["ckpt_path=best found no best.ckpt"],
+    ),
+    "new text for a resume": (
+        [f"ckpt_path={DONE}", "data.path={ws}/new_letters.txt"],
+        ["different character set", "init_from="],
+    ),
+    "init_from a missing file": (["init_from={ws}/nope.ckpt"], ["nope.ckpt", "does not exist"]),
+    "init_from a text file": ([f"init_from={SAMPLE}"], ["sample.txt", "not a checkpoint"]),
+    "init_from and ckpt_path": ([f"init_from={DONE}", f"ckpt_path={DONE}"], ["init_from and ckpt_path", "Keep one"]),
+    **{f"resume from {k}": ([f"ckpt_path={{ws}}/{f}"], m) for k, (f, m) in MALFORMED.items()},
+    "init_from NaN weights": (["init_from={ws}/nan.ckpt"], MALFORMED["NaN weights"][1]),
+    # run directories
+    "checkpoint_dir is a file": (["checkpoint_dir={ws}/one.txt"], ["checkpoint_dir", "is a file"]),
+    "run directory under a file": (["hydra.run.dir={ws}/one.txt/run"], ["one.txt"]),
     "new run over an old one": (["hydra.run.dir={ws}/done"], ["already holds checkpoints", "ckpt_path=last"]),
+    "resuming another run into this run's directory": (
+        ["hydra.run.dir={ws}/done", "ckpt_path={ws}/other/checkpoints/last.ckpt"],
+        ["holds checkpoints of another run", "hydra.run.dir={ws}/other ckpt_path=last"],
+    ),
 }
 GENERATE_CASES = {
     "no checkpoint given": ([], ["ckpt_path is required"]),
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged"]),
     "foreign checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["not a nanollm checkpoint"]),
-    "unseen prompt characters": (
-        ["ckpt_path={ws}/done/checkpoints/last.ckpt", "prompt='Zq~'"],
-        ["prompt", "never saw", "'~'"],
-    ),
-    "negative max_new_tokens": (
-        ["ckpt_path={ws}/done/checkpoints/last.ckpt", "max_new_tokens=-1"],
-        ["max_new_tokens", ">= 0"],
-    ),
-    "zero temperature": (["ckpt_path={ws}/done/checkpoints/last.ckpt", "temperature=0"], ["temperature", "> 0"]),
-    "negative temperature": (["ckpt_path={ws}/done/checkpoints/last.ckpt", "temperature=-1"], ["temperature"]),
-    "zero top_k": (["ckpt_path={ws}/done/checkpoints/last.ckpt", "top_k=0"], ["top_k", ">= 1"]),
+    **{k: ([f"ckpt_path={{ws}}/{f}"], m) for k, (f, m) in MALFORMED.items()},
+    "unseen prompt characters": ([f"ckpt_path={DONE}", "prompt='Zq~'"], ["prompt", "never saw", "'~'"]),
+    "negative max_new_tokens": ([f"ckpt_path={DONE}", "max_new_tokens=-1"], ["max_new_tokens", ">= 0"]),
+    "zero temperature": ([f"ckpt_path={DONE}", "temperature=0"], ["temperature", "> 0"]),
+    "negative temperature": ([f"ckpt_path={DONE}", "temperature=-1"], ["temperature"]),
+    "NaN temperature": ([f"ckpt_path={DONE}", "temperature=nan"], ["temperature", "nan"]),
+    "zero top_k": ([f"ckpt_path={DONE}", "top_k=0"], ["top_k", ">= 1"]),
+    "text seed": ([f"ckpt_path={DONE}", "seed=abc"], ["seed", "'abc'"]),
+    "CUDA without a GPU": ([f"ckpt_path={DONE}", "device=cuda"], ["device=cuda", "no CUDA GPU", "device=cpu"]),
+    "unknown key": ([f"ckpt_path={DONE}", "promt=x"], ["unknown config key 'promt'"]),
 }
+# Run as real subprocesses too: the in-process runner must not hide what a new process shows.
+IN_A_SUBPROCESS = {"train: unknown preset", "train: zero accumulation", "generate: NaN weights"}
 
 
-@pytest.mark.parametrize(
-    "script, args, fragments",
-    [pytest.param("train.py", a, f, id=f"train: {k}") for k, (a, f) in TRAIN_CASES.items()]
-    + [pytest.param("generate.py", a, f, id=f"generate: {k}") for k, (a, f) in GENERATE_CASES.items()],
-)
-def test_bad_input_fails_with_one_clear_line_and_touches_nothing(workspace, tmp_path, script, args, fragments):
+def cases():
+    for script, table in (("train.py", TRAIN_CASES), ("generate.py", GENERATE_CASES)):
+        for name, (args, fragments) in table.items():
+            case_id = f"{script.removesuffix('.py')}: {name}"
+            yield pytest.param(script, args, fragments, case_id in IN_A_SUBPROCESS, id=case_id)
+
+
+@pytest.mark.parametrize("script, args, fragments, in_subprocess", list(cases()))
+def test_bad_input_fails_with_one_clear_line_and_touches_nothing(
+    workspace, tmp_path, script, args, fragments, in_subprocess
+):
     args = [a.format(ws=workspace) for a in args]
     before = snapshot(workspace)
     if script == "train.py":
         args = train_args(tmp_path, *args)
-    result = run_script(script, args)
+    result = (run_script if in_subprocess else run_cli)(script, args)
     assert_user_error(result, *(f.format(ws=workspace) for f in fragments))
     after = snapshot(workspace)
     assert {path: after.get(path) for path in before} == before  # every existing file is untouched
@@ -115,48 +192,26 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
     model = TransformerLanguageModel(
         vocab_size=6, embedding_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32, context_length=8
     )
-    from nanollm import train_with_config
-
+    larger = TransformerLanguageModel(
+        vocab_size=9, embedding_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32, context_length=8
+    )
+    run_dir = {"checkpoint_dir": str(tmp_path)}
     cases = [
-        (lambda: train_with_config(model, [1], {"checkpoint_dir": str(tmp_path)}), "at least 2 tokens"),
-        (lambda: train_with_config(model, [0, 1, 2] * 3, {"checkpoint_dir": str(tmp_path)}), "context_length"),
-        (
-            lambda: train_with_config(model, [0, 9] * 50, {"checkpoint_dir": str(tmp_path)}),
-            "outside the model's vocabulary",
-        ),
-        (
-            lambda: train_with_config(model, [0, 1] * 50, {"checkpoint_dir": str(tmp_path), "learning_rate": -1}),
-            "optim.lr",
-        ),
+        (lambda: train_with_config(model, [1], run_dir), "at least 2 tokens"),
+        (lambda: train_with_config(model, [0, 1, 2] * 3, run_dir), "context_length"),
+        (lambda: train_with_config(model, [0, 9] * 50, run_dir), "outside the model's vocabulary"),
+        (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "learning_rate": -1}), "optim.lr"),
+        (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "seed": -1}), "seed"),
+        # A tokenizer smaller than the model: its checkpoints would crash generation later.
+        (lambda: train_with_config(larger, [0, 1] * 50, run_dir, tokenizer=tokenizer), "vocab_size=tokenizer"),
         (lambda: load_checkpoint(workspace / "damaged.ckpt", model), "damaged"),
         (lambda: load_checkpoint(workspace / "done/checkpoints/last.ckpt", model), "different shape"),
         (lambda: generate_text(model, tokenizer, "xyz", max_length=5), "never saw"),
         (lambda: generate_text(model, tokenizer, "abc", max_length=5, temperature=0), "temperature"),
+        (lambda: CharTokenizer().encode("abc"), "build_vocab"),
     ]
     for call, message in cases:
         with pytest.raises(NanoLLMError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
     assert not list(tmp_path.rglob("*.ckpt"))
-
-
-def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
-    args = train_args(tmp_path, "trainer.max_steps=100000", "checkpoint_interval=50")
-    command = [sys.executable, str(ROOT / "train.py"), *args]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "run" / "checkpoints" / "checkpoint_step_50.ckpt"
-    deadline = time.time() + 60
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    assert result.returncode == 130
-    assert_user_error(result, "interrupted at step", "last.ckpt", "ckpt_path=last")
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] >= 50
-    resumed = run_script(
-        "train.py", [*train_args(tmp_path, f"trainer.max_steps={saved['global_step'] + 5}"), "ckpt_path=last"]
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout and os.path.exists(tmp_path / "run" / "results.json")

@@ -51,3 +51,15 @@ def test_validation_covers_the_split_once():
 def test_text_shorter_than_context_is_rejected():
     with pytest.raises(NanoLLMError, match="context_length"):
         make_module(context_length=500)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_directory_is_read_through_the_glob(tmp_path, cache):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "main.py").write_text("print('hello')\n" * 10, encoding="utf-8")
+    (tmp_path / "code" / "notes.txt").write_text("not code\n" * 10, encoding="utf-8")
+    cache_dir = tmp_path / "cache" if cache else None
+    module = CharDataModule(path=tmp_path / "code", glob="*.py", cache_dir=cache_dir, context_length=8, batch_size=2)
+    module.prepare_data()
+    module.setup()
+    assert module.corpus.tokenizer.decode(module.corpus.tokens) == "print('hello')\n" * 10

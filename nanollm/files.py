@@ -1,0 +1,53 @@
+"""Crash-safe file writes: a temporary file beside the target, flushed to disk, then renamed into place.
+
+Checkpoints, results.json, reports and cache entries are all written this way, so a kill or a full
+disk at any moment leaves the old file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from nanollm.errors import NanoLLMError
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
+    """Write through `write(handle)` to a temporary file beside `path`, flush it to disk, then rename it
+    into place: a kill or a full disk at any moment leaves the old file or the new one, never a truncated one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):  # the directory itself may be what failed (read-only, gone)
+            tmp.unlink(missing_ok=True)
+        raise NanoLLMError(
+            f"Could not save {what} '{path}': {err.strerror or err}. Free disk space or make the directory "
+            "writable; earlier files are intact."
+        ) from None
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy a file with the same write-then-rename guarantee."""
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, handle, 16 * 1024 * 1024)
+
+    atomic_write(target, copy, what="checkpoint")
+
+
+def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
+    """Write a text file (results.json, reports) with the write-then-rename guarantee."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), what=what)

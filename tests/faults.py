@@ -1,0 +1,46 @@
+"""Fault injection for the reliability tests: a signal at a chosen moment of training.
+
+Added to a real `train.py` run as a config callback, so the fault lands at an exact batch instead of
+after a random sleep:
+    +callbacks.fault._target_=tests.faults.SignalAt +callbacks.fault.batch=9 +callbacks.fault.signum=15
+"""
+
+import errno
+import os
+import signal
+
+import lightning as L
+
+
+class SignalAt(L.Callback):
+    """Sends `signum` to this process at the end of its `batch`-th training batch (micro-batch, from 1)."""
+
+    def __init__(self, batch: int, signum: int = signal.SIGTERM):
+        self.batch, self.signum = batch, signum
+        self.seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.seen += 1
+        if self.seen == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+class DiskFullAt(L.Callback):
+    """From the end of optimizer step `step` on, every fsync of a file whose path contains `name` fails
+    with ENOSPC, as on a full disk (root ignores read-only permissions, so this is how tests get a
+    failing write)."""
+
+    def __init__(self, step: int = 0, name: str = ""):
+        self.step, self.name = step, name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step and not getattr(os.fsync, "disk_full", False):
+            real_fsync, name = os.fsync, self.name
+
+            def fsync(fd):
+                if name in os.readlink(f"/proc/self/fd/{fd}"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                real_fsync(fd)
+
+            fsync.disk_full = True
+            os.fsync = fsync
