@@ -79,6 +79,11 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.global_step < trainer.max_steps:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # Lightning would write `last` once more here (as last-v1 beside the one a signal saved); the run
+        # writes `last` itself: a copy of checkpoint_final, or the state GracefulInterrupt saved.
+        pass
+
 
 class TrainingHealth(L.Callback):
     """Warns once when the gradient norm stays outside the healthy range for `patience` log intervals."""

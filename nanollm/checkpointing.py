@@ -75,8 +75,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
                 "checkpoints never do. Only load checkpoints you trust, written by nanollm."
             ) from None
         raise DamagedCheckpointError(f"Checkpoint '{path}' is damaged or not a checkpoint file ({err}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError) as err:
+        # Arbitrary bytes make torch's safe unpickler fail in many ways (a text file starting with "h": KeyError).
+        reason = str(err).splitlines()[0] if str(err) and not isinstance(err, LookupError) else "not a PyTorch file"
         raise DamagedCheckpointError(f"Checkpoint '{path}' is damaged or not a checkpoint file ({reason}).") from None
     if not isinstance(checkpoint, dict) or NANOLLM_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise NanoLLMError(

@@ -86,13 +86,17 @@ def run_entry_point(main) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except BrokenPipeError:  # `python train.py --help | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (HydraException, OmegaConfBaseException, OSError) as err:
-        if full_error_wanted or _job_started:  # inside the job it is a bug of ours: keep the traceback
-            raise
-        if isinstance(err, OSError) and not isinstance(err, HydraException):  # Hydra creating the run directory
-            line = f"cannot create the run directory '{err.filename}': {err.strerror}; choose another hydra.run.dir."
-        else:
+        hydra_error = isinstance(err, (HydraException, OmegaConfBaseException))
+        if full_error_wanted or _job_started or not (hydra_error or err.filename):
+            raise  # inside the job it is a bug of ours: keep the traceback
+        if hydra_error:
             line = hydra_error_line(err)
+        else:  # Hydra creating the run directory
+            line = f"cannot create the run directory '{err.filename}': {err.strerror}; choose another hydra.run.dir."
         _print_once(f"error: {line}")
         sys.exit(1)
 
@@ -250,6 +254,7 @@ def eval_command(cfg: DictConfig) -> None:
         pick_device(cfg.device),
         Path(cfg.outputs_dir),
         progress=True,
+        glob=cfg.data.get("glob") or "**/*.txt",
     )
     print(format_table(results))
     if cfg.output:

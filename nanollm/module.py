@@ -111,8 +111,7 @@ class LanguageModelModule(L.LightningModule):
         mean_loss = self.trainer.strategy.reduce(self._interval_losses[: self._interval_steps].mean(), reduce_op="mean")
         tokens = (self._interval_steps - self._untimed_steps) * self._tokens_per_batch()
         elapsed = now - self._interval_start - self._paused_seconds - self._checkpoint_seconds()
-        # The norm before clipping, i.e. what the data asked for.
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        grad_norm = self._gradient_norm()
         self.last_train_loss, self.last_grad_norm = float(mean_loss), float(grad_norm)
         metrics = {
             "train/loss": self.last_train_loss,
@@ -217,6 +216,28 @@ class LanguageModelModule(L.LightningModule):
         self.val_history.append({"step": int(self.global_step), "val_loss": float(val_loss)})
 
     # ---- optimisation -------------------------------------------------------------------
+    def _sharded_root(self):
+        """The FSDP-wrapped model under trainer=fsdp, else None: each process holds only a shard of the gradients."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self.trainer.model if isinstance(self.trainer.strategy, FSDPStrategy) else None
+
+    def _gradient_norm(self) -> torch.Tensor:
+        """The norm of all gradients before clipping, i.e. what the data asked for (over every shard under FSDP)."""
+        root = self._sharded_root()
+        if root is not None:  # collective: every process logs at the same steps
+            return root.clip_grad_norm_(float("inf"))
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses norm clipping under FSDP (the gradients are sharded); FSDP's own clip_grad_norm_
+        # computes the norm over every shard.
+        root = self._sharded_root() if gradient_clip_val else None
+        if root is not None and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         fused = bool(self.optim.get("fused")) and self.device.type == "cuda"
         optimizer, schedule = build_optimizer(self.model, self.optim, self.trainer.max_steps, fused=fused)

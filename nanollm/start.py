@@ -21,6 +21,7 @@ from nanollm.checkpointing import (
     architecture_mismatch,
     check_run_ownership,
     checked_model_config,
+    list_checkpoints,
     load_model_weights,
     read_checkpoint,
     resolve_checkpoint,
@@ -80,7 +81,10 @@ def plan_start(cfg: DictConfig, own_dirs: list[Path], warn=print) -> dict[str, A
     """Rank 0's decisions, as plain data: the run directory, the checkpoint to start from, the seed."""
     _check_writable_directory(own_dirs[0], "checkpoint_dir")
     outputs = Path(cfg.outputs_dir)
-    found = resolve_checkpoint(cfg.get("ckpt_path"), own_dirs, outputs, warn)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and requeued_by_slurm(own_dirs):
+        ckpt_path = "last"  # the same job, restarted: continue it from its newest good checkpoint
+    found = resolve_checkpoint(ckpt_path, own_dirs, outputs, warn)
     resume_from = found[0] if found else None
     check_run_ownership(own_dirs, resume_from)
     init_from = None
@@ -97,6 +101,14 @@ def plan_start(cfg: DictConfig, own_dirs: list[Path], warn=print) -> dict[str, A
         "init_from": str(init_from) if init_from else None,
         "seed": int(seed),
     }
+
+
+def requeued_by_slurm(own_dirs: list[Path]) -> bool:
+    """Lightning's SLURM auto-requeue (SIGUSR1) saved hpc_ckpt_<n>.ckpt in this run directory: this is the
+    requeued job, which continues the run, as Lightning itself does when no ckpt_path is given."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect() and any(list_checkpoints(d, "hpc_ckpt_*.ckpt") for d in own_dirs)
 
 
 def _check_writable_directory(directory: Path, key: str) -> None:

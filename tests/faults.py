@@ -6,6 +6,8 @@ after a random sleep:
 """
 
 import errno
+import hashlib
+import json
 import os
 import signal
 
@@ -44,3 +46,19 @@ class DiskFullAt(L.Callback):
 
             fsync.disk_full = True
             os.fsync = fsync
+
+
+class RecordBatches(L.Callback):
+    """Writes what this process trained on to `<path>/batches_rank<r>.json`: per batch, its shape and a
+    fingerprint of its token ids, so a test can check what each DDP rank really consumed."""
+
+    def __init__(self, path: str):
+        self.path, self.batches = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        x, _ = batch
+        self.batches.append({"shape": list(x.shape), "ids": hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.path, f"batches_rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump(self.batches, handle)
