@@ -200,14 +200,15 @@ def format_report(results: dict) -> str:
 
 
 def generate_command(cfg: DictConfig) -> None:
-    """`python generate.py`: load a checkpoint alone and stream samples to stdout."""
+    """`python generate.py`: load a checkpoint alone and print samples (one sample streams as it is made)."""
     import torch
 
     from nanollm.checkpointing import model_from_checkpoint, resolve_checkpoint
     from nanollm.config import validate_generate_config
-    from nanollm.generation import generate_tokens, make_generator
+    from nanollm.generation import check_beyond_context, generate_batch, generate_tokens, make_generator
 
     validate_generate_config(cfg)
+    check_beyond_context(cfg.beyond_context)
     path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
     device = (
         "cuda"
@@ -221,17 +222,18 @@ def generate_command(cfg: DictConfig) -> None:
         )
     model.to(device)
     prompt_ids = tokenizer.encode(str(cfg.prompt), what="The prompt")
-    generator = make_generator(cfg.seed)
-    for index in range(cfg.num_samples):
-        if cfg.num_samples > 1:
-            print(f"--- sample {index + 1} ---")
+    settings = (float(cfg.temperature), cfg.top_k, make_generator(cfg.seed), cfg.use_cache, cfg.beyond_context)
+    if cfg.num_samples == 1:
         sys.stdout.write(str(cfg.prompt))
-        for token in generate_tokens(
-            model, prompt_ids, cfg.max_new_tokens, float(cfg.temperature), cfg.top_k, generator, use_cache=cfg.use_cache
-        ):
+        for token in generate_tokens(model, prompt_ids, cfg.max_new_tokens, *settings):
             sys.stdout.write(tokenizer.chars[token])
             sys.stdout.flush()
         sys.stdout.write("\n")
+        return
+    # Several samples advance together, one batched pass per character.
+    for index, ids in enumerate(generate_batch(model, prompt_ids, cfg.num_samples, cfg.max_new_tokens, *settings)):
+        print(f"--- sample {index + 1} ---")
+        print(str(cfg.prompt) + tokenizer.decode(ids))
 
 
 def eval_command(cfg: DictConfig) -> None:
@@ -255,6 +257,7 @@ def eval_command(cfg: DictConfig) -> None:
         Path(cfg.outputs_dir),
         progress=True,
         glob=cfg.data.get("glob") or "**/*.txt",
+        method=cfg.eval.get("method") or "windows",
     )
     print(format_table(results))
     if cfg.output:

@@ -22,9 +22,14 @@ import torch.nn.functional as F
 from nanollm.checkpointing import BEST_NAME, LAST_NAME, model_from_checkpoint, read_checkpoint, resolve_checkpoint
 from nanollm.corpus import DEFAULT_GLOB, iter_text, list_text_files
 from nanollm.errors import NanoLLMError
+from nanollm.generation import rolling_log_likelihood
 from nanollm.tokenizer import CharTokenizer
 
 UNKNOWN_CHOICES = ("error", "skip")
+# "windows": sliding windows (eval.stride), as the model reads text it is given whole. "rolling": one
+# character at a time through the rolling KV cache, as generate.py's beyond_context=rolling reads the
+# text it writes past the context; comparing the two measures what rolling costs in quality.
+METHODS = ("windows", "rolling")
 
 
 # ---- scoring --------------------------------------------------------------------------------
@@ -193,8 +198,10 @@ def _natural_key(path: Path) -> list:
 
 
 # ---- the whole evaluation ---------------------------------------------------------------------
-def check_settings(unknown: str, batch_size: int) -> None:
+def check_settings(unknown: str, batch_size: int, method: str = "windows") -> None:
     """Refuse bad eval.* values before anything is loaded."""
+    if method not in METHODS:
+        raise NanoLLMError(f"eval.method must be one of {', '.join(METHODS)}, got {method!r}.")
     if unknown not in UNKNOWN_CHOICES:
         raise NanoLLMError(f"eval.unknown must be one of {', '.join(UNKNOWN_CHOICES)}, got {unknown!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -211,13 +218,14 @@ def evaluate(
     outputs_dir: Path,
     progress: bool = False,
     glob: str = DEFAULT_GLOB,
+    method: str = "windows",
 ) -> tuple[list[dict], bool]:
     """Score the text at `data_path` with every checkpoint `ckpt_path` names; results sorted by bits per character.
 
     Everything is loaded and checked (checkpoints, text, stride) before the first, slow, scoring pass.
     Returns the results and whether `ckpt_path` named a collection (then the JSON report is a list).
     """
-    check_settings(unknown, batch_size)
+    check_settings(unknown, batch_size, method)
     loaded, several = checkpoint_files(ckpt_path, outputs_dir)
     text = read_text(data_path, glob)
     jobs, encoded = [], {}
@@ -234,7 +242,10 @@ def evaluate(
     del loaded, checkpoint  # the checkpoints' optimizer states are no longer needed
     results = []
     for path, model, job_stride, (ids, skipped) in jobs:
-        nll_sum, count = score_tokens(model.to(device), ids, job_stride, batch_size, progress=progress)
+        if method == "rolling":
+            nll_sum, count = rolling_log_likelihood(model.to(device), ids)
+        else:
+            nll_sum, count = score_tokens(model.to(device), ids, job_stride, batch_size, progress=progress)
         model.cpu()
         results.append(
             {
@@ -242,7 +253,8 @@ def evaluate(
                 **summarize(nll_sum, count),
                 "num_characters": count,
                 "skipped_characters": skipped,
-                "stride": job_stride,
+                "method": method,
+                "stride": job_stride if method == "windows" else None,
                 "context_length": model.config.context_length,
                 "data_path": str(data_path),
             }

@@ -1,13 +1,20 @@
-"""Sampling from a TransformerLanguageModel: temperature, top-k, a seed, and the KV cache."""
+"""Sampling from a TransformerLanguageModel: temperature, top-k, a seed, the KV cache, several samples at once."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from nanollm.errors import NanoLLMError
 from nanollm.model import TransformerLanguageModel
+
+# What the model sees once the text outgrows its context. "recompute": the window slides and is read
+# afresh, at positions 0 .. context - 1, one full pass per new token. "rolling" (RoPE models): a rolling
+# KV cache keeps the last context_length keys and values at their absolute positions, one
+# single-token step per new token; deeper layers then carry information from beyond the window.
+BEYOND_CONTEXT = ("recompute", "rolling")
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
@@ -20,7 +27,96 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise NanoLLMError(f"top_k must be an integer >= 1 or null, got {top_k!r}.")
 
 
+def check_beyond_context(beyond_context: str) -> None:
+    if beyond_context not in BEYOND_CONTEXT:
+        raise NanoLLMError(f"beyond_context must be one of {', '.join(BEYOND_CONTEXT)}, got {beyond_context!r}.")
+
+
+def rolls(model: TransformerLanguageModel, beyond_context: str) -> bool:
+    """Whether `beyond_context` rolls for this model.
+
+    Learned position embeddings have a vector for positions 0 .. context - 1 only, so their window
+    cannot roll: "rolling" falls back to "recompute" for them.
+    """
+    return beyond_context == "rolling" and model.config.position_encoding == "rope"
+
+
+def receptive_field(model: TransformerLanguageModel) -> int:
+    """How many of the last tokens decide the next one through a rolling cache.
+
+    Each layer attends `context - 1` tokens further back, so older tokens cannot matter; a prompt
+    longer than this is fed from here, and the path without a cache re-reads only this many.
+    """
+    return model.config.num_layers * (model.config.context_length - 1) + 1
+
+
 @torch.inference_mode()
+def generate_steps(
+    model: TransformerLanguageModel,
+    prompt_ids: list[int],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    beyond_context: str = "recompute",
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of `num_samples` continuations of one prompt, a (num_samples,) CPU tensor per step.
+
+    All samples advance together: one batched forward pass per step. The model sees at most its
+    last `context_length` tokens; past them see BEYOND_CONTEXT. With the cache, each new token
+    costs one single-token step until the text outgrows the context; then "recompute" rebuilds
+    the cache from the window every step, so both paths give the same tokens.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k)
+    check_beyond_context(beyond_context)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise NanoLLMError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    if not prompt_ids:
+        raise NanoLLMError("The prompt is empty: give at least one character, e.g. prompt='The '.")
+    rolling = rolls(model, beyond_context)
+    was_training = model.training
+    model.eval()
+    device = model.token_embedding.weight.device
+    # The window the model reads: the last `context` tokens, or a rolling cache's receptive field.
+    window = receptive_field(model) if rolling else model.config.context_length
+    tokens = torch.empty(num_samples, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    length = len(prompt_ids)
+    cache = model.new_cache(num_samples, rolling) if use_cache else None
+    pending = tokens[:, max(0, length - window) : length]  # tokens not yet seen by the cache
+    noise = None
+    threads = torch.get_num_threads()
+    try:
+        for step in range(max_new_tokens):
+            if step == 1 and cache is not None and device.type == "cpu":
+                # Single-token steps are too small to gain from intra-op threads on a CPU; they only add
+                # synchronisation (measured ~8% faster with one thread). The prefill above used them all.
+                torch.set_num_threads(1)
+            if cache is None:
+                # Without a cache every step re-reads the window; a rolling window from scratch.
+                fresh = model.new_cache(num_samples, rolling=True) if rolling else None
+                logits, _ = model(tokens[:, max(0, length - window) : length], cache=fresh)
+            else:
+                if not rolling and cache.length + pending.size(1) > window:
+                    cache.length, pending = 0, tokens[:, length - window : length]
+                logits, _ = model(pending, cache=cache)
+            if top_k != 1 and step % NOISE_STEPS == 0:
+                noise = draw_noise(min(NOISE_STEPS, max_new_tokens - step), num_samples, logits.size(-1), generator)
+            next_ids = sample_next(
+                logits[:, -1], temperature, top_k, noise=None if noise is None else noise[step % NOISE_STEPS]
+            )
+            if cache is None or not rolling:  # the history feeds windows; a rolling cache never re-reads it
+                tokens[:, length] = next_ids
+            pending = next_ids[:, None].to(device)
+            length += 1
+            yield next_ids
+    finally:
+        torch.set_num_threads(threads)
+        model.train(was_training)
+
+
 def generate_tokens(
     model: TransformerLanguageModel,
     prompt_ids: list[int],
@@ -29,55 +125,119 @@ def generate_tokens(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    beyond_context: str = "recompute",
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (so callers can stream them).
+    """Yield new token ids one at a time (so callers can stream them); see generate_steps."""
+    for next_ids in generate_steps(
+        model, prompt_ids, 1, max_new_tokens, temperature, top_k, generator, use_cache, beyond_context
+    ):
+        yield next_ids.item()
 
-    The model sees at most its last `context_length` tokens. With the cache, each new token costs
-    one single-token forward pass; once the text outgrows the context the window slides, every
-    position shifts, and the cache is rebuilt from the window, so both paths give the same tokens.
+
+def generate_batch(
+    model: TransformerLanguageModel,
+    prompt_ids: list[int],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    beyond_context: str = "recompute",
+) -> list[list[int]]:
+    """`num_samples` continuations of one prompt, sampled together (one batched pass per step).
+
+    The same generator state gives the same samples; num_samples=1 gives generate_tokens' text.
+    Sample i is not the text that the i-th of several generate_tokens calls would give: the
+    steps draw for all samples in turn.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k)
-    if not prompt_ids:
-        raise NanoLLMError("The prompt is empty: give at least one character, e.g. prompt='The '.")
-    was_training = model.training
-    model.eval()
-    device = model.token_embedding.weight.device
-    context = model.config.context_length
-    tokens = list(prompt_ids)
-    cache = model.new_cache() if use_cache else None
-    pending = tokens[-context:]  # tokens not yet seen by the cache
-    threads = torch.get_num_threads()
-    try:
-        for step in range(max_new_tokens):
-            if step == 1 and cache is not None and device.type == "cpu":
-                # Single-token steps are too small to gain from intra-op threads on a CPU; they only add
-                # synchronisation (measured ~8% faster with one thread). The prefill above used them all.
-                torch.set_num_threads(1)
-            if cache is not None and cache.length + len(pending) > context:
-                cache.length, pending = 0, tokens[-context:]
-            window = pending if cache is not None else tokens[-context:]
-            idx = torch.tensor([window], dtype=torch.long, device=device)
-            logits, _ = model(idx, cache=cache)
-            next_id = sample_next(logits[0, -1], temperature, top_k, generator)
-            tokens.append(next_id)
-            pending = [next_id]
-            yield next_id
-    finally:
-        torch.set_num_threads(threads)
-        model.train(was_training)
+    steps = list(
+        generate_steps(
+            model, prompt_ids, num_samples, max_new_tokens, temperature, top_k, generator, use_cache, beyond_context
+        )
+    )
+    if not steps:
+        return [[] for _ in range(num_samples)]
+    return torch.stack(steps, dim=1).tolist()
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
-    """Draw one token id from the last position's logits."""
-    logits = logits.float() / temperature
+# Sampling noise is drawn for this many steps at once: one call instead of one per step. (A caller
+# that stops a generation early leaves the generator up to NOISE_STEPS - 1 steps further on.)
+NOISE_STEPS = 64
+
+
+def draw_noise(steps: int, num_samples: int, vocab_size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) noise (steps, num_samples, vocab) for sample_next, on the CPU.
+
+    The generator fills a tensor in order, so this draws exactly the numbers, and as many, as
+    drawing (num_samples, vocab) at each step would: the text does not depend on NOISE_STEPS.
+    """
+    return torch.empty(steps, num_samples, vocab_size).exponential_(generator=generator)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw one token id per row of `logits` (N, vocab): a (N,) tensor on the CPU.
+
+    Draws exactly as torch.multinomial(probs, 1) (the argmax of probs / Exp(1) noise picks i with
+    probability probs[i]) from the same numbers of the generator, without multinomial's checks,
+    which cost more than the draw on a small model, and with the noise drawn ahead if given
+    (`noise`, (N, vocab), from draw_noise). Row i draws after row i - 1, so a batch of one draws
+    what a single sample does.
+    """
+    logits = logits.float()
+    if temperature != 1:  # dividing by 1 changes nothing
+        logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[-1]
+        kth = torch.topk(logits, top_k).values[:, -1:]  # each row's own k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_k == 1:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits, dim=-1)
+        return torch.argmax(logits, dim=-1).cpu()
     # Sample on the CPU so a seed gives the same text whatever device the model is on.
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs = torch.softmax(logits, dim=-1).cpu()
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+@torch.inference_mode()
+def rolling_log_likelihood(model: TransformerLanguageModel, ids) -> tuple[float, int]:
+    """Sum of the negative log-likelihoods (nats) of `ids[1:]` as rolling generation sees them, and their count.
+
+    Each token is predicted through a rolling KV cache, as beyond_context="rolling" predicts it
+    while generating: past the context, from keys and values computed when their tokens came.
+    The tokens go in a context's worth at a time, which the attention masks make equal to one at a
+    time (test_generation checks). What "recompute" sees is sliding windows with stride 1
+    (evaluation.score_tokens with stride=1).
+    """
+    if model.config.position_encoding != "rope":
+        raise NanoLLMError(
+            "rolling_log_likelihood needs a RoPE model: learned position embeddings cannot roll past the context "
+            "(generation recomputes the window for them); score it with sliding windows instead."
+        )
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if ids.numel() < 2:
+        raise NanoLLMError(f"Need at least 2 tokens to score (the first has no context), got {ids.numel()}.")
+    ids = ids.to(model.token_embedding.weight.device)
+    cache = model.new_cache(1, rolling=True)
+    context = model.config.context_length
+    was_training = model.training
+    model.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64, device=ids.device)  # summed on the device: no sync per chunk
+    try:
+        for start in range(0, ids.numel() - 1, context):
+            inputs = ids[start : min(start + context, ids.numel() - 1)]
+            logits, _ = model(inputs[None], cache=cache)
+            targets = ids[start + 1 : start + 1 + inputs.numel()]
+            nll_sum += F.cross_entropy(logits[0].float(), targets, reduction="sum")
+    finally:
+        model.train(was_training)
+    return nll_sum.item(), ids.numel() - 1
 
 
 def generate_text(
@@ -89,6 +249,7 @@ def generate_text(
     top_k: int | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    beyond_context: str = "recompute",
 ) -> str:
     """The prompt followed by `max_length` sampled characters; the same seed gives the same text."""
     ids = generate_tokens(
@@ -99,6 +260,7 @@ def generate_text(
         top_k,
         make_generator(seed),
         use_cache,
+        beyond_context,
     )
     return prompt + tokenizer.decode(list(ids))
 

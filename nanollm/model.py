@@ -2,13 +2,15 @@
 
 Pre-norm blocks of causal self-attention and a feed-forward network, rotary position
 embeddings (RoPE; learned absolute positions as an option), and an LM head tied to the token
-embedding. An optional KV cache makes generation cost O(T) per new token instead of O(T^2).
+embedding. An optional KV cache makes generation cost O(T) per new token instead of O(T^2); with
+RoPE it can roll on past the context (`new_cache(rolling=True)`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,15 +65,65 @@ class ModelConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for one batch of sequences, preallocated to the context."""
+    """Keys and values of every layer for a batch of sequences: one slot per position of the context.
 
-    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+    `length` counts the tokens the cache has seen. A plain cache holds at most `context_length` of
+    them. A rolling cache (RoPE only) keeps going: token p lives in slot p % context_length and
+    replaces the oldest, so every new token attends to the last `context_length` tokens however long
+    the text grows. RoPE scores depend only on how far apart two tokens are, so keys rotated by their
+    absolute positions stay valid; learned position embeddings have no vector past the context.
+    """
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype, rolling: bool = False
+    ):
         head_dim = config.embedding_dim // config.num_heads
-        shape = (batch_size, config.num_heads, config.context_length, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        # Per layer (keys/values, B, H, slot, D): a token's key and value are stored by one copy.
+        shape = (2, batch_size, config.num_heads, config.context_length, head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.length = 0
         self.capacity = config.context_length
+        self.rolling = rolling
+        self.rotation_block: tuple[int, torch.Tensor] | None = None  # rotations of the latest context-sized block
+        self.weights: tuple | None = None  # the model's tensors for one-token steps (decode_weights), gathered once
+
+    def attention_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """(T, keys) booleans: may new token i see key j of what `store` returns?
+
+        None when every key may be seen (one new token) or the mask is plainly causal (a first chunk
+        that fits the context). Otherwise key j is visible to query i iff its position is at most
+        i's and fewer than `capacity` positions before it (the window a rolling cache keeps).
+        """
+        start = self.length
+        if T == 1 or (start == 0 and T <= self.capacity):
+            return None
+        queries = torch.arange(start, start + T, device=device)
+        if start + T <= self.capacity:  # slot j holds position j
+            keys = torch.arange(start + T, device=device)
+        else:  # the ring's filled slots (slot s holds the latest position = s mod capacity), then the new tokens
+            slots = torch.arange(min(start, self.capacity), device=device)
+            keys = torch.cat((start - 1 - (start - 1 - slots) % self.capacity, queries))
+        queries = queries[:, None]
+        return (keys <= queries) & (keys > queries - self.capacity)
+
+    def store(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (2, B, H, T, D) of `layer`; return all keys and values they attend to."""
+        cached, start, T = self.layers[layer], self.length, kv.size(3)
+        if T == 1:  # a generation step: its slot, then what is filled
+            cached.narrow(3, start % self.capacity, 1).copy_(kv)
+            # Past the context the ring holds exactly the last `capacity` tokens; attention does not
+            # care in which order.
+            return (cached if start + 1 >= self.capacity else cached[:, :, :, : start + 1]).unbind(0)
+        if start + T <= self.capacity:
+            cached[:, :, :, start : start + T] = kv
+            return cached[:, :, :, : start + T].unbind(0)
+        # Several tokens past the end: they see the ring as it was and each other (attention_mask
+        # says which), then the newest `capacity` of them replace the oldest entries.
+        keys = torch.cat((cached[:, :, :, : min(start, self.capacity)], kv), dim=3)
+        kept = min(T, self.capacity)
+        slots = torch.arange(start + T - kept, start + T, device=kv.device) % self.capacity
+        cached[:, :, :, slots] = kv[:, :, :, T - kept :]
+        return keys.unbind(0)
 
 
 def rotary_table(context_length: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -82,6 +134,16 @@ def rotary_table(context_length: int, head_dim: int, base: float = 10000.0) -> t
     inverse_frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inverse_frequencies)
     return torch.stack((angles.cos(), angles.sin()), dim=-1)
+
+
+def rotary_turn(offset: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(head_dim / 2,) complex64: the rotation of each pair by `offset` positions.
+
+    Angles are computed in float64: in float32, position 10^5 would already be off by ~0.01 radian.
+    """
+    inverse_frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = offset * inverse_frequencies
+    return torch.complex(angles.cos(), angles.sin()).to(torch.complex64)
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -101,6 +163,21 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
+class DecodeLayer(NamedTuple):
+    """One block's tensors, as TransformerLanguageModel.decode_one reads them (weights transposed, as addmm takes them)."""
+
+    norm1: tuple[torch.Tensor, torch.Tensor, float]
+    qkv_b: torch.Tensor
+    qkv_w: torch.Tensor
+    proj_b: torch.Tensor
+    proj_w: torch.Tensor
+    norm2: tuple[torch.Tensor, torch.Tensor, float]
+    fc_b: torch.Tensor
+    fc_w: torch.Tensor
+    out_b: torch.Tensor
+    out_w: torch.Tensor
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -110,26 +187,26 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rotary: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, H, T, D), in as few operations as possible (decoding is per-op bound).
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        if rotary is None:
-            q, k, v = qkv.unbind(0)
-        else:  # q, k and v in one multiply; v's angles are 0 (slicing q and k out costs more in backward)
-            q, k, v = apply_rotary(qkv, rotary).unbind(0)
-        causal = True
+        if rotary is not None:
+            # q, k and v in one multiply; v's angles are 0 (slicing q and k out costs more in backward)
+            qkv = apply_rotary(qkv, rotary)
+        q, k, v = qkv.unbind(0)
         if cache is not None:
-            start = cache.length
-            cache.keys[layer][:, :, start : start + T] = k
-            cache.values[layer][:, :, start : start + T] = v
-            k, v = cache.keys[layer][:, :, : start + T], cache.values[layer][:, :, : start + T]
-            # A single new token may attend to everything cached; a prefill (start == 0) is plain causal.
-            causal = start == 0
-        # SDPA picks flash / memory-efficient kernels where the hardware has them.
+            k, v = cache.store(layer, qkv[1:])
+        # SDPA picks flash / memory-efficient kernels where the hardware has them. Without a mask,
+        # several tokens are plainly causal (no cache, or a first chunk) and one token sees every key.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and T > 1
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None and T > 1
         )
         y = y.transpose(1, 2).reshape(B, T, C)
         return dropout(self.proj(y), self.dropout, self.training)
@@ -157,9 +234,14 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rotary: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer, rotary)
+        x = x + self.attn(self.norm1(x), cache, layer, rotary, mask)
         return x + self.ffn(self.norm2(x))
 
 
@@ -208,30 +290,123 @@ class TransformerLanguageModel(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and the loss if `targets` are given.
+
+        With a cache, `idx` continues the sequences the cache has seen: any number of tokens at a
+        time, each attending to the cached tokens and the new ones before it.
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.config.context_length:
-            raise ValueError(f"Sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
-        x = self.token_embedding(idx)  # (B, T, C)
-        rotary = None
-        if self.position_embedding is not None:
-            x = x + self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
+        if start + T > self.config.context_length and not (cache is not None and cache.rolling):
+            raise NanoLLMError(
+                f"Sequence of {start + T} tokens exceeds the model's context_length ({self.config.context_length}); "
+                "feed at most context_length tokens, or continue through model.new_cache(rolling=True) (RoPE models)."
+            )
+        rotary = None if self.position_embedding is not None else self.rotation(start, T, cache)
+        if cache is not None and T == 1 and not self.training:
+            logits = self.decode_one(idx, cache, rotary)
         else:
-            rotary = torch.view_as_complex(self.rotary_table[:, :, :, start : start + T].float())
-        x = dropout(x, self.config.dropout, self.training)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, rotary)
+            x = self.token_embedding(idx)  # (B, T, C)
+            if self.position_embedding is not None:
+                x = x + self.position_embedding.weight[start : start + T]  # a slice: no index tensor per step
+            x = dropout(x, self.config.dropout, self.training)
+            mask = cache.attention_mask(T, idx.device) if cache is not None else None
+            for layer, block in enumerate(self.blocks):
+                x = block(x, cache, layer, rotary, mask)
+            logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
-    def new_cache(self, batch_size: int = 1) -> KVCache:
+    def decode_one(self, idx: torch.Tensor, cache: KVCache, rotary: torch.Tensor | None) -> torch.Tensor:
+        """forward() for one new token per sequence (B, 1) through the cache, without nn.Module calls.
+
+        Generation runs one token at a time, and on a small model a step is nearly all per-call
+        overhead: module calls and the F.* wrappers took half of a nano step. These are the blocks'
+        operations in the same order on the same shapes (F.linear is addmm), so the logits are
+        bit-identical to the module path; test_model compares the two.
+        """
+        if cache.weights is None:  # the weights do not change during a generation: gather them once
+            cache.weights = self.decode_weights()
+        embedding, positions, layers, final_norm, head = cache.weights
+        B, C, H = idx.size(0), self.config.embedding_dim, self.config.num_heads
+        shape = (C,)
+        x = torch.embedding(embedding, idx.view(B))  # (B, C)
+        if positions is not None:
+            x = x + positions[cache.length]
+        for layer, w in enumerate(layers):
+            qkv = torch.addmm(w.qkv_b, torch.layer_norm(x, shape, *w.norm1), w.qkv_w)
+            if rotary is not None and qkv.dtype == torch.float32:  # apply_rotary without its dtype round trip
+                pairs = torch.view_as_complex(qkv.view(B, 1, 3, H, C // H // 2, 2)).permute(2, 0, 3, 1, 4)
+                qkv = torch.view_as_real(pairs * rotary).flatten(-2)  # (3, B, H, 1, D)
+            else:
+                qkv = qkv.view(B, 1, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, D)
+                if rotary is not None:
+                    qkv = apply_rotary(qkv, rotary)
+            keys, values = cache.store(layer, qkv[1:])
+            y = F.scaled_dot_product_attention(qkv[0], keys, values)  # (B, H, 1, D)
+            x = x + torch.addmm(w.proj_b, y.reshape(B, C), w.proj_w)
+            h = F.gelu(torch.addmm(w.fc_b, torch.layer_norm(x, shape, *w.norm2), w.fc_w), approximate="tanh")
+            x = x + torch.addmm(w.out_b, h, w.out_w)
+        return (torch.layer_norm(x, shape, *final_norm) @ head).view(B, 1, -1)
+
+    def decode_weights(self) -> tuple:
+        """The tensors decode_one reads, as plain references (nn.Module attribute lookups are slow)."""
+        norm = lambda n: (n.weight, n.bias, n.eps)  # noqa: E731  (torch.layer_norm's arguments after the shape)
+        layers = [
+            DecodeLayer(
+                norm(b.norm1), b.attn.qkv.bias, b.attn.qkv.weight.t(), b.attn.proj.bias, b.attn.proj.weight.t(),
+                norm(b.norm2), b.ffn.fc.bias, b.ffn.fc.weight.t(), b.ffn.proj.bias, b.ffn.proj.weight.t(),
+            )
+            for b in self.blocks
+        ]  # fmt: skip
+        positions = self.position_embedding.weight if self.position_embedding is not None else None
+        return self.token_embedding.weight, positions, layers, norm(self.final_norm), self.lm_head.weight.t()
+
+    def rotation(self, start: int, T: int, cache: KVCache | None) -> torch.Tensor:
+        """(3, 1, 1, T, D/2) complex: how positions start .. start + T - 1 turn q and k (v is not turned)."""
+        context = self.config.context_length
+        if cache is None:
+            return torch.view_as_complex(self.rotary_table[:, :, :, start : start + T].float())
+        if T == 1:  # a generation step
+            block, offset = divmod(start, context)
+            return self.rotation_block(block, cache)[:, :, :, offset : offset + 1]
+        pieces = []
+        for block in range(start // context, (start + T - 1) // context + 1):
+            first = block * context
+            table = self.rotation_block(block, cache)
+            pieces.append(table[:, :, :, max(start - first, 0) : min(start + T - first, context)])
+        return torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]
+
+    def rotation_block(self, block: int, cache: KVCache) -> torch.Tensor:
+        """Rotations of positions block * context .. (block + 1) * context - 1, kept on the cache while used.
+
+        Past the table (a rolling cache) position p turns by table[p % context] and then by whole
+        contexts: exact for any p, and no table that grows with the text.
+        """
+        if cache.rotation_block is None or cache.rotation_block[0] != block:
+            table = torch.view_as_complex(self.rotary_table.float())
+            if block > 0:
+                turn = rotary_turn(
+                    block * self.config.context_length, self.config.embedding_dim // self.config.num_heads
+                )
+                turn = torch.stack((turn, turn, torch.ones_like(turn))).to(table.device)
+                table = table * turn[:, None, None, None]
+            cache.rotation_block = (block, table)
+        return cache.rotation_block[1]
+
+    def new_cache(self, batch_size: int = 1, rolling: bool = False) -> KVCache:
+        """An empty KV cache for `batch_size` sequences; `rolling` keeps going past the context (RoPE only)."""
+        if rolling and self.position_embedding is not None:
+            raise NanoLLMError(
+                "A rolling KV cache needs model.position_encoding=rope: learned position embeddings have no vector "
+                f"past position {self.config.context_length - 1}. Use a plain cache (rolling=False)."
+            )
         param = self.token_embedding.weight
-        return KVCache(self.config, batch_size, param.device, param.dtype)
+        return KVCache(self.config, batch_size, param.device, param.dtype, rolling)
 
     def flops_per_token(self) -> int:
         """Approximate training FLOPs per token (forward + backward), as in the PaLM appendix."""

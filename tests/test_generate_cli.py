@@ -1,35 +1,60 @@
-"""End-to-end tests of generate.py: a checkpoint alone is enough, and a seed makes it reproducible."""
+"""End-to-end tests of generate.py: a checkpoint alone is enough, a seed makes it reproducible, and
+several samples come out of one batched run. (Sampling itself is unit-tested in test_generation.py.)"""
 
+import json
 import shutil
 
-from tests.conftest import run_script
-
-
-def generate(ckpt, *args, cwd=None):
-    kwargs = {"cwd": cwd} if cwd else {}
-    return run_script("generate.py", [f"ckpt_path={ckpt}", *args], **kwargs)
+from tests.conftest import run_cli, run_script, train_args
 
 
 def test_generates_from_the_checkpoint_alone(trained_checkpoint, tmp_path):
     alone = tmp_path / "model.ckpt"
     shutil.copy(trained_checkpoint, alone)  # no config, data or run directory beside it
-    result = generate(alone, "prompt='The '", "max_new_tokens=50", "seed=1", cwd=tmp_path)
+    result = run_script(
+        "generate.py", [f"ckpt_path={alone}", "prompt='The '", "max_new_tokens=50", "seed=1"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The ") and len(result.stdout.rstrip("\n")) == 54
     assert list(tmp_path.iterdir()) == [alone]  # generation writes no files
 
 
-def test_same_seed_same_text_and_greedy_is_deterministic(trained_checkpoint):
-    a = generate(trained_checkpoint, "seed=5", "max_new_tokens=40", "num_samples=2")
-    b = generate(trained_checkpoint, "seed=5", "max_new_tokens=40", "num_samples=2")
-    c = generate(trained_checkpoint, "seed=6", "max_new_tokens=40", "num_samples=2")
-    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout != c.stdout
-    assert a.stdout.count("--- sample") == 2
-    greedy = [generate(trained_checkpoint, "top_k=1", f"seed={s}", "max_new_tokens=30").stdout for s in (1, 2)]
-    assert greedy[0] == greedy[1]
+def test_samples_are_reproducible_batched_and_roll_past_the_context(trained_checkpoint):
+    def generate(*args):
+        result = run_cli("generate.py", [f"ckpt_path={trained_checkpoint}", *args])
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    three = generate("seed=5", "max_new_tokens=40", "num_samples=3")
+    assert (
+        three
+        == generate("seed=5", "max_new_tokens=40", "num_samples=3")
+        != generate("seed=6", "max_new_tokens=40", "num_samples=3")
+    )
+    samples = three.split("--- sample ")[1:]
+    assert len(samples) == 3 and len({s.split("\n", 1)[1] for s in samples}) == 3
 
 
-def test_cache_and_no_cache_print_the_same_text(trained_checkpoint):
-    cached = generate(trained_checkpoint, "seed=3", "max_new_tokens=80", "use_cache=true")
-    uncached = generate(trained_checkpoint, "seed=3", "max_new_tokens=80", "use_cache=false")
-    assert cached.returncode == 0 and cached.stdout == uncached.stdout
+def test_rolling_and_recompute_read_past_the_context_differently(tmp_path):
+    # Two layers (with one, a rolling cache sees exactly the window), 100 characters past a 32-character context.
+    trained = run_cli("train.py", train_args(tmp_path, "model.num_layers=2", "trainer.max_steps=10"))
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    def generate(*args):
+        result = run_cli("generate.py", [f"ckpt_path={checkpoint}", "seed=2", "max_new_tokens=100", *args])
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    rolling = generate("beyond_context=rolling")
+    assert len(rolling) == len("The ") + 100 + 1
+    assert rolling == generate("beyond_context=rolling", "use_cache=false")
+    assert generate() == generate("beyond_context=recompute")  # the default: the exact path
+    # What each way predicts differs: eval.py scores the sample text both ways (stride 1 is what
+    # recompute sees: every character after the full window before it).
+    scores = {}
+    for method in ("eval.method=rolling", "eval.stride=1"):
+        out = tmp_path / f"{method.split('=')[-1]}.json"
+        assert run_cli("eval.py", [f"ckpt_path={checkpoint}", method, f"output={out}"]).returncode == 0
+        scores[method] = json.loads(out.read_text())
+    assert scores["eval.method=rolling"]["num_characters"] == scores["eval.stride=1"]["num_characters"]
+    assert scores["eval.method=rolling"]["loss"] != scores["eval.stride=1"]["loss"]

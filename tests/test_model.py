@@ -121,3 +121,102 @@ def test_tiny_model_overfits_a_short_text():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1
+
+
+def through_cache(model: TransformerLanguageModel, idx: torch.Tensor, cache, prefill: int = 1) -> torch.Tensor:
+    """Logits of `idx` fed through `cache`: the first `prefill` tokens at once, then one at a time."""
+    first, _ = model(idx[:, :prefill], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(prefill, idx.size(1))]
+    return torch.cat([first, *steps], dim=1)
+
+
+@pytest.mark.parametrize("position_encoding", ["rope", "learned"])
+def test_one_token_steps_are_bit_identical_to_the_module_path(position_encoding):
+    # decode_one (eval) re-implements the blocks for speed; training mode with no dropout runs the modules.
+    torch.manual_seed(0)
+    model = tiny_model(position_encoding=position_encoding)
+    idx = torch.randint(0, 11, (3, 16))
+    logits = [through_cache(model.train(training), idx, model.new_cache(3), prefill=4) for training in (False, True)]
+    assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_multi_token_chunks_through_the_cache_match_a_full_pass(rolling):
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (2, 16))
+    full, _ = model(idx)
+    cache = model.new_cache(batch_size=2, rolling=rolling)
+    chunks = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 12), (12, 16))]
+    assert torch.allclose(full, torch.cat(chunks, dim=1), atol=1e-5)
+
+
+def test_rolling_cache_matches_a_full_pass_within_the_context():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (1, 16))
+    full, _ = model(idx)
+    assert torch.allclose(full, through_cache(model, idx, model.new_cache(rolling=True), prefill=3), atol=1e-5)
+
+
+def test_one_layer_rolling_cache_past_the_context_equals_the_window():
+    # With one layer the next token depends only on the last context_length tokens and how far apart
+    # they are (RoPE), so a rolling cache must give exactly the full pass over that window.
+    torch.manual_seed(0)
+    model = tiny_model(num_layers=1).eval()
+    idx = torch.randint(0, 11, (1, 60))
+    rolled = through_cache(model, idx, model.new_cache(rolling=True))
+    for t in (16, 31, 32, 47, 59):  # past the context, on and off the ring's wrap-around
+        window, _ = model(idx[:, t - 15 : t + 1])
+        assert torch.allclose(rolled[0, t], window[0, -1], atol=1e-5), t
+
+
+def test_rolling_cache_one_token_at_a_time_equals_chunks_and_one_pass():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (2, 57))
+    one_by_one = through_cache(model, idx, model.new_cache(batch_size=2, rolling=True))
+    cache = model.new_cache(batch_size=2, rolling=True)
+    chunks = torch.cat([model(idx[:, t : t + 7], cache=cache)[0] for t in range(0, 57, 7)], dim=1)
+    # Forty tokens in one pass (past the context), then one at a time from what the ring kept.
+    mostly_whole = through_cache(model, idx, model.new_cache(batch_size=2, rolling=True), prefill=40)
+    assert torch.allclose(one_by_one, chunks, atol=1e-5)
+    assert torch.allclose(one_by_one, mostly_whole, atol=1e-5)
+    # Past the context the deeper layer sees further back than the window: not a sliding full pass.
+    window, _ = model(idx[:, 57 - 16 :])
+    assert (one_by_one[:, -1] - window[:, -1]).abs().max() > 1e-4  # float error is ~1e-7
+
+
+def test_rotation_past_the_table_turns_by_the_absolute_position():
+    from nanollm.model import rotary_turn
+
+    model = tiny_model()
+    cache = model.new_cache(rolling=True)
+    head_dim = 16 // 2
+    for position in (0, 5, 16, 23, 1000, 123456):
+        rotation = model.rotation(position, 1, cache)[:, 0, 0, 0]  # (3, D/2)
+        expected = rotary_turn(position, head_dim)
+        assert torch.allclose(rotation[0], expected, atol=1e-5) and torch.allclose(rotation[1], expected, atol=1e-5)
+        assert torch.equal(rotation[2], torch.ones_like(expected))  # values are not turned
+
+
+def test_a_batch_through_the_cache_gives_each_sequence_its_own_logits():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (3, 40))
+    batched = through_cache(model, idx, model.new_cache(batch_size=3, rolling=True), prefill=6)
+    for row in range(3):
+        alone = through_cache(model, idx[row : row + 1], model.new_cache(rolling=True), prefill=6)
+        assert torch.allclose(batched[row], alone[0], atol=1e-5)
+
+
+def test_cache_limits_are_named():
+    model = tiny_model()
+    with pytest.raises(NanoLLMError, match="exceeds the model's context_length"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model.new_cache()
+    model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.raises(NanoLLMError, match="rolling=True"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(NanoLLMError, match="rolling KV cache needs model.position_encoding=rope"):
+        tiny_model(position_encoding="learned").new_cache(rolling=True)

@@ -1,65 +1,186 @@
-"""Beyond one CPU process: DDP for real on CPU, GPU/compile settings, cluster launchers, Optuna."""
+"""Beyond one CPU process: DDP for real on CPU, two nodes on one machine, SLURM's requeue signal,
+GPU/compile settings, FSDP's configuration, cluster launchers, parallel sweeps and Optuna."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from nanollm.api import compose_config
-from tests.conftest import ROOT, read_results, run_script, train_args
+from tests.conftest import ROOT, TINY, assert_user_error, read_results, run_cli, run_script, train_args
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def test_ddp_on_cpu_with_two_processes_trains_checkpoints_from_rank_0_and_resumes(tmp_path):
-    result = run_script("train.py", train_args(tmp_path, *DDP), timeout=300)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batches_of(run_dir) -> dict[int, list[dict]]:
+    return {rank: json.loads((run_dir / f"batches_rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+def test_ddp_on_cpu_splits_the_batch_checkpoints_from_rank_0_and_resumes(tmp_path):
+    record = ["+callbacks.record._target_=tests.faults.RecordBatches", f"+callbacks.record.path={tmp_path}"]
+    result = run_script("train.py", train_args(tmp_path, *DDP, *record), timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr  # really two processes
     assert result.stdout.count("final val loss") == 1  # one report, from rank 0
+    # What each of the two processes really trained on: half of the global batch of 8, different windows.
+    seen = batches_of(tmp_path)
+    assert [len(seen[0]), len(seen[1])] == [20, 20]
+    assert all(b["shape"] == [4, 32] for rank in (0, 1) for b in seen[rank])
+    assert all(a["ids"] != b["ids"] for a, b in zip(seen[0], seen[1], strict=True))
     results = read_results(tmp_path / "run")
-    assert results["global_step"] == 20 and results["final_val_loss"] < 4.0
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 20
-    # Each of the 2 processes draws half of the global batch of 8.
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["tokens_seen"] == 20 * 8 * 32
+    assert results["tokens_seen"] == sum(b["shape"][0] * b["shape"][1] for rank in (0, 1) for b in seen[rank])
+    assert results["global_step"] == 20 and results["final_val_loss"] < 3.7
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
 
-    resumed = run_script(
-        "train.py", [*train_args(tmp_path, *DDP, "trainer.max_steps=30"), "ckpt_path=last"], timeout=300
-    )
+    resumed = run_script("train.py", [*train_args(tmp_path, *DDP, *record, "trainer.max_steps=30"), "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout
-    assert read_results(tmp_path / "run")["global_step"] == 30
+    assert "resuming from" in resumed.stdout and read_results(tmp_path / "run")["global_step"] == 30
+    assert [len(batches) for batches in batches_of(tmp_path).values()] == [10, 10]  # only the new steps
 
 
-def test_gpu_precision_and_compile_flags_compose_and_run_on_cpu(tmp_path):
+def test_a_ddp_error_is_printed_once(tmp_path):
+    # Each process draws batch_size / 2 windows: 7 does not divide. Both processes fail; one line is printed.
+    result = run_script("train.py", train_args(tmp_path, *DDP, "data.batch_size=7"), timeout=300)
+    assert_user_error(result, "data.batch_size (7) must be divisible by the number of processes (2)")
+
+
+def run_two_nodes(tmp_path, node_args: list[list[str]], name: str) -> list[subprocess.CompletedProcess]:
+    """`python train.py` once per node, as a scheduler would start them, on this machine."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    nodes = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"]
+    processes, logs = [], []
+    for rank, args in enumerate(node_args):
+        out, err = (open(tmp_path / f"{name}-node{rank}.{kind}", "w+") for kind in ("out", "err"))
+        logs.append((out, err))
+        command = [sys.executable, str(ROOT / "train.py"), *TINY, *nodes, f"data.cache_dir={tmp_path / 'cache'}", *args]
+        processes.append(subprocess.Popen(command, cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=out, stderr=err))
+    results = []
+    for process, (out, err) in zip(processes, logs, strict=True):
+        try:
+            code = process.wait(timeout=240)
+        except subprocess.TimeoutExpired:  # a deadlock: fail, and leave no process behind
+            for p in processes:
+                p.kill()
+            raise
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(process.args, code, out.read(), err.read()))
+    return results
+
+
+def test_two_nodes_share_one_run_directory_and_resume(tmp_path):
+    run = f"hydra.run.dir={tmp_path / 'run'}"
+    trained = run_two_nodes(tmp_path, [[run, "trainer.max_steps=10"]] * 2, "train")
+    assert [r.returncode for r in trained] == [0, 0], trained[1].stderr
+    resumed = run_two_nodes(tmp_path, [[run, "trainer.max_steps=15", "ckpt_path=last"]] * 2, "resume")
+    assert [r.returncode for r in resumed] == [0, 0], resumed[1].stderr
+    assert read_results(tmp_path / "run")["global_step"] == 15 and read_results(tmp_path / "run")["start_step"] == 10
+
+
+def test_two_nodes_with_their_own_run_directories_follow_rank_0(tmp_path):
+    # Each node's Hydra computes a directory of its own (nodes start in different seconds); rank 0's wins,
+    # and rank 0 alone resolves ckpt_path=last: the other node receives its choice.
+    def dirs(name):
+        return [[f"hydra.run.dir={tmp_path / name / f'node{rank}'}", f"outputs_dir={tmp_path}"] for rank in (0, 1)]
+
+    trained = run_two_nodes(tmp_path, [[*a, "trainer.max_steps=10"] for a in dirs("first")], "train")
+    assert [r.returncode for r in trained] == [0, 0], trained[1].stderr
+    assert read_results(tmp_path / "first" / "node0")["global_step"] == 10
+    assert not (tmp_path / "first" / "node1").exists()  # its unused directory is gone
+    resumed = run_two_nodes(
+        tmp_path, [[*a, "trainer.max_steps=15", "ckpt_path=last"] for a in dirs("second")], "resume"
+    )
+    assert [r.returncode for r in resumed] == [0, 0], resumed[1].stderr
+    results = read_results(tmp_path / "second" / "node0")
+    assert results["global_step"] == 15 and results["resumed_from"] == str(tmp_path / "first/node0/checkpoints/last.ckpt")
+
+
+def test_slurm_auto_requeue_saves_requeues_and_the_requeued_job_continues(tmp_path):
+    # Lightning's SLURM environment, with a fake `scontrol` that records the requeue and then sends
+    # SIGTERM, as SLURM does when it requeues a running job.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\nkill -TERM $PPID\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "nanollm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    slurm.update(SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost", SCONTROL_LOG=str(tmp_path / "log"))
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", **slurm}
+    signal_usr1 = ["+callbacks.fault._target_=tests.faults.SignalAt", "+callbacks.fault.batch=12"]
+    args = train_args(tmp_path, "trainer.max_steps=30", "checkpoint_interval=100")
+    stopped = run_script("train.py", [*args, *signal_usr1, f"+callbacks.fault.signum={int(signal.SIGUSR1)}"], env_extra=env)
+    assert stopped.returncode == 143, stopped.stderr
+    assert (tmp_path / "log").read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "run" / "hpc_ckpt_1.ckpt").exists()  # Lightning's own save on SIGUSR1
+    # The requeued job runs the same command again, in the same directory: it continues the run.
+    requeued = run_script("train.py", args, env_extra={**env, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0, requeued.stderr
+    results = read_results(tmp_path / "run")
+    assert results["global_step"] == 30 and results["start_step"] >= 12
+
+
+def test_gpu_precision_and_compile_flags_run_on_cpu_and_their_checkpoints_load(tmp_path):
     # The GPU preset's precision on the CPU (bf16 autocast exists there too), compiled with torch.compile.
     cfg = compose_config(["trainer=gpu"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    args = train_args(
-        tmp_path, "trainer.precision=bf16-mixed", "compile=true", "trainer.max_steps=4", "trainer.val_check_interval=4"
-    )
-    result = run_script("train.py", args, timeout=300)
+    args = ["trainer.precision=bf16-mixed", "compile=true", "trainer.max_steps=30", "trainer.val_check_interval=30"]
+    result = run_cli("train.py", train_args(tmp_path, *args, "optim.lr=0.01", "data.val_batch_size=8"))
     assert result.returncode == 0, result.stderr
     assert "precision bf16-mixed" in result.stdout
     results = read_results(tmp_path / "run")
-    assert results["precision"] == "bf16-mixed" and results["final_val_loss"] < 4.2
-    # Compiled in place: the checkpoint keys are those of the plain model, so generation loads it.
-    generated = run_script(
-        "generate.py", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "max_new_tokens=5"]
-    )
-    assert generated.returncode == 0, generated.stderr
+    assert results["precision"] == "bf16-mixed" and results["final_val_loss"] < 3.6  # untrained: ln(57) = 4.04
+    # Compiled in place: the checkpoint keys are those of the plain model, so generation and eval load it.
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert run_cli("generate.py", [f"ckpt_path={checkpoint}", "max_new_tokens=5"]).returncode == 0
+    scored = run_cli("eval.py", [f"ckpt_path={checkpoint}", f"output={tmp_path / 'eval.json'}"])
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] < 3.6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_trainer_runs(tmp_path):
     result = run_script("train.py", train_args(tmp_path, "trainer=gpu", "compile=true"), timeout=600)
     assert result.returncode == 0, result.stderr
+    assert read_results(tmp_path / "run")["final_val_loss"] < 3.7
 
 
-def test_fsdp_and_slurm_launcher_configs_compose():
+def test_fsdp_config_is_one_lightning_accepts_and_clips_over_every_shard():
+    cfg = compose_config(["trainer=fsdp"])
+    assert cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.get("gradient_clip_algorithm") in (None, "norm")
+    # Lightning refuses norm clipping for FSDP's precision plugin; the module routes it to FSDP's own.
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from nanollm.module import LanguageModelModule
+
+    calls = []
+
+    class ShardedRoot:  # what trainer.model is under FSDP: the wrapped model, with a collective clip_grad_norm_
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+            return torch.tensor(2.5)
+
+    class Trainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+        model = ShardedRoot()
+
+    module = LanguageModelModule(model_config={"vocab_size": 5, "embedding_dim": 8, "num_heads": 2}, optim={})
+    module._trainer = Trainer()
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0)
+    assert module._gradient_norm() == 2.5 and calls == [1.0, float("inf")]
+
+
+def test_slurm_launcher_configs_compose():
     from hydra import compose, initialize_config_dir
 
-    assert compose_config(["trainer=fsdp"]).trainer.strategy == "fsdp"
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         for launcher in ("slurm", "submitit_slurm"):
             cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
@@ -67,17 +188,47 @@ def test_fsdp_and_slurm_launcher_configs_compose():
         assert cfg.hydra.launcher.submitit_folder.endswith(".submitit/%j")
 
 
+def test_a_joblib_sweep_runs_its_jobs_in_parallel_each_on_its_share_of_the_cores(tmp_path):
+    args = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=1,2",
+        *TINY,
+        "trainer.max_steps=150",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    result = run_script("train.py", args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    a, b = (read_results(tmp_path / "sweep" / job) for job in ("0", "1"))
+    assert a["status"] == b["status"] == "completed"
+    # The two trainings overlapped in time: they ran side by side, not one after the other.
+    assert a["first_step_unix_time"] < b["finished_unix_time"] and b["first_step_unix_time"] < a["finished_unix_time"]
+    assert a["torch_threads"] == b["torch_threads"] == max((os.cpu_count() or 1) // 2, 1)
+
+
+def test_a_sweep_refuses_ddp_at_once(tmp_path):
+    result = run_cli("train.py", ["-m", *DDP, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert_user_error(result, "cannot launch DDP processes", "hydra/launcher=slurm")
+    assert not list((tmp_path / "sweep").glob("*/results.json"))
+
+
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="needs the sweeps extra (pip install -e '.[sweeps]')",
+)
 def test_optuna_search_minimises_the_validation_loss(tmp_path):
     args = [
         "-m",
         "hparams_search=lr_optuna",
         "hydra.sweeper.n_trials=2",
-        *train_args(tmp_path)[:-3],
+        *TINY,
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "trainer.max_steps=10",
     ]
-    result = run_script("train.py", args, timeout=300)
+    result = run_cli("train.py", args)
     assert result.returncode == 0, result.stderr
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "optim.lr" in best and "model.dropout" in best and "best_value" in best
