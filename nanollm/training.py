@@ -327,6 +327,7 @@ def _results(cfg, module, trainer, training_time, final_path, interrupt, start: 
         "val_history": module.val_history,
         "checkpoint_path": str(interrupt.saved_path or final_path),
         "device": str(trainer.strategy.root_device),
+        "torch_threads": torch.get_num_threads(),
         "precision": str(trainer.precision),
         "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "optim")},
     }

@@ -35,10 +35,10 @@ LOGGED_SCALARS = {"train/loss", "val/loss", "val/perplexity", "train/lr", "train
 
 
 def run_script(
-    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 180, **kwargs
+    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 180, env_extra: dict | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
-    """Run train.py / generate.py exactly as a user would, capturing output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    """Run train.py / generate.py / eval.py in a new process exactly as a user would, capturing output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,

@@ -63,7 +63,9 @@ def run_two_nodes(tmp_path, node_args: list[list[str]], name: str) -> list[subpr
         out, err = (open(tmp_path / f"{name}-node{rank}.{kind}", "w+") for kind in ("out", "err"))
         logs.append((out, err))
         command = [sys.executable, str(ROOT / "train.py"), *TINY, *nodes, f"data.cache_dir={tmp_path / 'cache'}", *args]
-        processes.append(subprocess.Popen(command, cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=out, stderr=err))
+        processes.append(
+            subprocess.Popen(command, cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=out, stderr=err)
+        )
     results = []
     for process, (out, err) in zip(processes, logs, strict=True):
         try:
@@ -101,7 +103,9 @@ def test_two_nodes_with_their_own_run_directories_follow_rank_0(tmp_path):
     )
     assert [r.returncode for r in resumed] == [0, 0], resumed[1].stderr
     results = read_results(tmp_path / "second" / "node0")
-    assert results["global_step"] == 15 and results["resumed_from"] == str(tmp_path / "first/node0/checkpoints/last.ckpt")
+    assert results["global_step"] == 15 and results["resumed_from"] == str(
+        tmp_path / "first/node0/checkpoints/last.ckpt"
+    )
 
 
 def test_slurm_auto_requeue_saves_requeues_and_the_requeued_job_continues(tmp_path):
@@ -116,7 +120,9 @@ def test_slurm_auto_requeue_saves_requeues_and_the_requeued_job_continues(tmp_pa
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", **slurm}
     signal_usr1 = ["+callbacks.fault._target_=tests.faults.SignalAt", "+callbacks.fault.batch=12"]
     args = train_args(tmp_path, "trainer.max_steps=30", "checkpoint_interval=100")
-    stopped = run_script("train.py", [*args, *signal_usr1, f"+callbacks.fault.signum={int(signal.SIGUSR1)}"], env_extra=env)
+    stopped = run_script(
+        "train.py", [*args, *signal_usr1, f"+callbacks.fault.signum={int(signal.SIGUSR1)}"], env_extra=env
+    )
     assert stopped.returncode == 143, stopped.stderr
     assert (tmp_path / "log").read_text().split() == ["requeue", "4242"]
     assert (tmp_path / "run" / "hpc_ckpt_1.ckpt").exists()  # Lightning's own save on SIGUSR1

@@ -59,7 +59,9 @@ def test_intervals_count_optimizer_steps_under_accumulation(tmp_path):
     assert [s for s, _ in scalars(tmp_path / "run", "val/loss")] == [5, 10, 14]
     results = read_results(tmp_path / "run")
     assert results["tokens_seen"] == 14 * 2 * 8 * 32  # each optimizer step consumed two batches
-    assert results["tokens_per_second"] == pytest.approx(results["tokens_seen"] / results["training_time_seconds"], rel=1e-2)
+    assert results["tokens_per_second"] == pytest.approx(
+        results["tokens_seen"] / results["training_time_seconds"], rel=1e-2
+    )
 
 
 def test_train_prints_summary_losses_checkpoint_and_sample(tmp_path):
