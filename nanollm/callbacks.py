@@ -55,6 +55,8 @@ class GracefulInterrupt(L.Callback):
             self.saved_path = self.checkpoint_dir / self.last_name
             trainer.save_checkpoint(self.saved_path, weights_only=False)
             trainer.should_stop = True
+            # Lightning validates when a run is stopped early; a signalled run should end at once.
+            trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sig, previous in self._previous.items():

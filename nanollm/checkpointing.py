@@ -86,18 +86,31 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     return checkpoint
 
 
-def list_checkpoints(directory: Path | None, pattern: str = "*.ckpt") -> list[Path]:
+# train.py writes .ckpt files; the runbook API .pt files.
+CHECKPOINT_FILES = ("*.ckpt", "*.pt")
+BEST_FILES = (BEST_NAME, "best.pt")
+
+
+def list_checkpoints(directory: Path | None, patterns: tuple[str, ...] = CHECKPOINT_FILES) -> list[Path]:
     """Checkpoint files in a directory, newest first (by modification time, then name)."""
     if directory is None or not directory.is_dir():
         return []
-    files = [p for p in directory.glob(pattern) if p.is_file()]
+    files = {p for pattern in patterns for p in directory.glob(pattern) if p.is_file()}
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
-def newest_good_checkpoint(directories: list[Path], pattern: str = "*.ckpt", warn=print) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint among `directories` and its contents; damaged files are reported and skipped."""
+def newest_good_checkpoint(
+    directories: list[Path], patterns: tuple[str, ...] = CHECKPOINT_FILES, warn=print
+) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint among `directories` and its contents; damaged files are reported and skipped.
+
+    best.ckpt only counts when asked for by name: it is a copy of an earlier state, not the run's latest.
+    """
+    wants_best = patterns == BEST_FILES
     candidates = sorted(
-        (p for d in directories for p in list_checkpoints(d, pattern)), key=lambda p: p.stat().st_mtime_ns, reverse=True
+        (p for d in directories for p in list_checkpoints(d, patterns) if wants_best or p.name not in BEST_FILES),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
     )
     for path in candidates:
         try:
@@ -123,12 +136,12 @@ def resolve_checkpoint(
     name = str(ckpt_path)
     if name not in ("last", "best"):
         return Path(name), read_checkpoint(Path(name))
-    pattern = "*.ckpt" if name == "last" else BEST_NAME
+    patterns = CHECKPOINT_FILES if name == "last" else BEST_FILES
     own = [own_dirs] if isinstance(own_dirs, Path) else list(own_dirs or [])
-    found = newest_good_checkpoint(own, pattern, warn)
+    found = newest_good_checkpoint(own, patterns, warn)
     if found is None and outputs_dir.is_dir():
-        run_dirs = {p.parent for p in outputs_dir.rglob(pattern)}
-        found = newest_good_checkpoint(sorted(run_dirs), pattern, warn)
+        run_dirs = {p.parent for pattern in patterns for p in outputs_dir.rglob(pattern)}
+        found = newest_good_checkpoint(sorted(run_dirs), patterns, warn)
     if found is None:
         what = "no checkpoint" if name == "last" else f"no {BEST_NAME} (it is written at the first validation)"
         raise NanoLLMError(

@@ -108,7 +108,7 @@ def requeued_by_slurm(own_dirs: list[Path]) -> bool:
     requeued job, which continues the run, as Lightning itself does when no ckpt_path is given."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    return SLURMEnvironment.detect() and any(list_checkpoints(d, "hpc_ckpt_*.ckpt") for d in own_dirs)
+    return SLURMEnvironment.detect() and any(list_checkpoints(d, ("hpc_ckpt_*.ckpt",)) for d in own_dirs)
 
 
 def _check_writable_directory(directory: Path, key: str) -> None:

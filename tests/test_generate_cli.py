@@ -4,7 +4,7 @@ several samples come out of one batched run. (Sampling itself is unit-tested in 
 import json
 import shutil
 
-from tests.conftest import run_cli, run_script, train_args
+from tests.conftest import SAMPLE, run_cli, run_script, train_args
 
 
 def test_generates_from_the_checkpoint_alone(trained_checkpoint, tmp_path):
@@ -49,12 +49,15 @@ def test_rolling_and_recompute_read_past_the_context_differently(tmp_path):
     assert len(rolling) == len("The ") + 100 + 1
     assert rolling == generate("beyond_context=rolling", "use_cache=false")
     assert generate() == generate("beyond_context=recompute")  # the default: the exact path
-    # What each way predicts differs: eval.py scores the sample text both ways (stride 1 is what
-    # recompute sees: every character after the full window before it).
+    # What each way predicts differs: eval.py scores text both ways (stride 1 is what recompute sees:
+    # every character after the full window before it).
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE.read_text(encoding="utf-8")[:600], encoding="utf-8")
     scores = {}
     for method in ("eval.method=rolling", "eval.stride=1"):
         out = tmp_path / f"{method.split('=')[-1]}.json"
-        assert run_cli("eval.py", [f"ckpt_path={checkpoint}", method, f"output={out}"]).returncode == 0
+        args = [f"ckpt_path={checkpoint}", f"data.path={text}", method, f"output={out}"]
+        assert run_cli("eval.py", args).returncode == 0
         scores[method] = json.loads(out.read_text())
     assert scores["eval.method=rolling"]["num_characters"] == scores["eval.stride=1"]["num_characters"]
     assert scores["eval.method=rolling"]["loss"] != scores["eval.stride=1"]["loss"]

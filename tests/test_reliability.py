@@ -94,7 +94,7 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_good_
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    for name in ("checkpoint_step_20.ckpt", "checkpoint_final.ckpt", "last.ckpt"):
+    for name in ("checkpoint_final.ckpt", "last.ckpt", "best.ckpt"):
         path = run / "checkpoints" / name
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
     result = run_script("train.py", [*train_args(tmp_path, "trainer.max_steps=25"), "ckpt_path=last"])
@@ -137,24 +137,25 @@ def test_a_failing_save_stops_training_with_the_path_and_keeps_earlier_checkpoin
 
     def disk_fills_up(obj, handle):
         saves.append(1)
-        if len(saves) > 2:  # step 5's checkpoint and last.ckpt succeed, then the disk is full
+        if len(saves) > 2:  # the checkpoints of steps 5 and 10 succeed, then the disk is full
             raise OSError(28, "No space left on device")
         real_save(obj, handle)
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     config = {"num_steps": 20, "checkpoint_interval": 5, "checkpoint_dir": str(tmp_path), "progress_bar": False}
-    with pytest.raises(NanoLLMError, match=r"Could not save checkpoint .*checkpoint_step_10.ckpt.*No space left"):
+    with pytest.raises(NanoLLMError, match=r"Could not save checkpoint .*checkpoint_step_15.pt.*No space left"):
         train_with_config(model, tokenizer.encode(text), config, tokenizer=tokenizer)
     monkeypatch.setattr(torch, "save", real_save)
-    assert read_checkpoint(tmp_path / "checkpoint_step_5.ckpt")["global_step"] == 5
-    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5
+    assert read_checkpoint(tmp_path / "checkpoint_step_5.pt")["global_step"] == 5
+    assert read_checkpoint(tmp_path / "checkpoint_step_10.pt")["global_step"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_10.pt", "checkpoint_step_5.pt"]
 
 
 def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_earlier_checkpoints(tmp_path):
     fault = ["+callbacks.fault._target_=tests.faults.DiskFullAt", "+callbacks.fault.step=11"]
-    result = run_script("train.py", train_args(tmp_path, *fault))  # checkpoints every 10 steps
+    result = run_script("train.py", train_args(tmp_path, *fault, "checkpoint_interval=5"))
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert_user_error(result, f"Could not save checkpoint '{checkpoints / 'checkpoint_step_20.ckpt'}'", "No space left")
+    assert_user_error(result, f"Could not save checkpoint '{checkpoints / 'checkpoint_step_15.ckpt'}'", "No space left")
     assert read_checkpoint(checkpoints / "checkpoint_step_10.ckpt")["global_step"] == 10
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 10
     assert not [p.name for p in checkpoints.iterdir() if ".tmp" in p.name]  # no temporary file left behind
