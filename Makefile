@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU wheel of torch first, so no CUDA packages are pulled in on machines without a GPU.
 TORCH := torch==2.13.0
+# pip's default index gives Linux machines PyTorch's CUDA build (several GB). For a CPU-only install:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install train test lint format bench clean
 
@@ -12,8 +15,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,sweeps,mlflow,wandb]"
+	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
+	$(PIP) -e ".[dev,sweeps,mlflow,wandb]"
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -29,6 +32,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m nanollm.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) data/cache .pytest_cache

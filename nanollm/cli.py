@@ -118,6 +118,10 @@ def hydra_error_line(err: Exception) -> str:
             f"unknown config key '{key}'. Check its spelling (python train.py --cfg job lists every key), "
             f"or add a new key with +{key}=..."
         )
+    ambiguous = re.match(r"Ambiguous value for argument '([^']+)'", first)
+    if ambiguous:  # an unquoted comma: Hydra reads a list or a sweep
+        key, _, value = ambiguous.group(1).partition("=")
+        return f"the value of '{ambiguous.group(1)}' has a comma: quote it, e.g. '{key}=\"{value}\"'."
     if isinstance(err, OverrideParseException):
         return (
             f"could not parse the override '{err.override}'. Quote values with spaces, commas or special "
