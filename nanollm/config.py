@@ -9,6 +9,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nanollm.errors import NanoLLMError
 from nanollm.model import ModelConfig
+from nanollm.optim import OPTIMIZERS
 
 MODEL_KEYS = (
     "embedding_dim",
@@ -76,6 +77,18 @@ def validate_config(cfg: DictConfig) -> None:
         _number(cfg, f"optim.betas[{index}]", 0, 1, "in [0, 1) (e.g. optim.betas=[0.9,0.99])", high_ok=False)
     # A negative ratio would turn the end of the schedule into gradient ascent.
     _number(cfg, "optim.min_lr_ratio", 0, 1, "a number in [0, 1] (the final learning rate as a fraction of optim.lr)")
+    name = _get(cfg, "optim.name")  # none in configs from before optim=muon: AdamW
+    if name is not None and name not in OPTIMIZERS:
+        raise NanoLLMError(f"optim.name must be one of {', '.join(OPTIMIZERS)} (choose with optim=muon), got {name!r}.")
+    if name == "muon":
+        _positive_number(cfg, "optim.muon_lr")
+        _number(cfg, "optim.muon_weight_decay", 0, math.inf, "a number >= 0")
+        _number(cfg, "optim.momentum", 0, 1, "a number in [0, 1)", high_ok=False)
+        ns_steps = _get(cfg, "optim.ns_steps")
+        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+            raise NanoLLMError(f"optim.ns_steps must be an integer in [1, 100), got {ns_steps!r}.")
+        if not isinstance(_get(cfg, "optim.nesterov"), bool):
+            raise NanoLLMError(f"optim.nesterov must be true or false, got {_get(cfg, 'optim.nesterov')!r}.")
     _positive_int(cfg, "data.batch_size")
     if _get(cfg, "data.val_batch_size") is not None:
         _positive_int(cfg, "data.val_batch_size")
