@@ -26,22 +26,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from nanollm.bare import REFERENCE, bare_loop
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "raw" / "sample.txt"
-
-# The classic CPU baby model (embedding 128, 4 layers, context 64, batch 12, 2000 steps).
-REFERENCE = {
-    "model.name": "reference",
-    "model.embedding_dim": 128,
-    "model.num_layers": 4,
-    "model.num_heads": 4,
-    "model.ffn_hidden_dim": 512,
-    "model.context_length": 64,
-    "model.dropout": 0.0,
-    "data.batch_size": 12,
-    "optim.lr": 1e-3,
-    "trainer.max_steps": 2000,
-}
 
 
 def compose(preset: str, values: dict, run_dir: Path, data: Path):
@@ -96,53 +84,6 @@ def lightning_run(cfg, warmup: int) -> dict:
     }
 
 
-def bare_loop(cfg, warmup: int, evaluate: bool = False) -> dict:
-    """The same training in plain PyTorch: no Lightning, no logging, no checkpoints."""
-    from nanollm.config import model_config_from
-    from nanollm.corpus import prepare_corpus
-    from nanollm.data import RandomWindows, SequentialWindows
-    from nanollm.model import TransformerLanguageModel
-    from nanollm.optim import build_optimizer
-
-    torch.manual_seed(cfg.seed)
-    corpus = prepare_corpus(cfg.data.path, cfg.data.cache_dir)
-    split = int(len(corpus.tokens) * (1 - cfg.data.val_fraction))
-    train, val = corpus.tokens[:split], corpus.tokens[split:]
-    model = TransformerLanguageModel(model_config_from(cfg, corpus.tokenizer.vocab_size))
-    optimizer, schedule = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
-    max_steps = cfg.trainer.max_steps
-    batches = iter(RandomWindows(train, cfg.model.context_length, cfg.data.batch_size, cfg.seed, 0, 0))
-    val_loss = None
-    started = time.perf_counter()
-    for step in range(max_steps):
-        if step == warmup:
-            t0 = time.perf_counter()
-        x, y = next(batches)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
-        optimizer.step()
-        schedule.step()
-        last = step + 1 == max_steps
-        if evaluate and ((step + 1) % cfg.trainer.val_check_interval == 0 or last):
-            val_loss = evaluate_loss(model, SequentialWindows(val, cfg.model.context_length, cfg.data.batch_size))
-    t1 = time.perf_counter()
-    return {"seconds": t1 - t0, "steps": max_steps - warmup, "total_seconds": t1 - started, "val_loss": val_loss}
-
-
-@torch.no_grad()
-def evaluate_loss(model, windows) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in windows:
-        _, loss = model(x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
-    model.train()
-    return total / count
-
-
 def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
     """Measured float32 matrix-multiply FLOP/s of this machine (best of several runs)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -172,7 +113,7 @@ def throughput_rows(data: Path, work: Path, presets: list[str], steps: int, roun
         for r in range(rounds):  # interleaved so drifts in machine speed hit both alike
             for kind in ("bare", "lightning"):
                 cfg = compose("nano" if name == "reference" else name, values, work / f"{name}-{kind}-{r}", data)
-                result = bare_loop(cfg, warmup) if kind == "bare" else lightning_run(cfg, warmup)
+                result = bare_loop(cfg, warmup, fused=cfg.optim.fused) if kind == "bare" else lightning_run(cfg, warmup)
                 if best[kind] is None or result["seconds"] < best[kind]["seconds"]:
                     best[kind] = result
         tokens_per_step = cfg.data.batch_size * cfg.model.context_length
@@ -207,7 +148,11 @@ def reference_quality(data: Path, work: Path, steps: int, rounds: int = 2) -> di
     for r in range(rounds):
         for kind in ("bare", "lightning") if r % 2 == 0 else ("lightning", "bare"):
             cfg = compose("nano", values, work / f"ref-{kind}-{r}", data)
-            result = bare_loop(cfg, warmup=0, evaluate=True) if kind == "bare" else lightning_run(cfg, warmup=0)
+            result = (
+                bare_loop(cfg, warmup=0, evaluate=True, fused=cfg.optim.fused)
+                if kind == "bare"
+                else lightning_run(cfg, warmup=0)
+            )
             runs[kind].append(result)
     best = {kind: min(results, key=lambda x: x["total_seconds"]) for kind, results in runs.items()}
     every = {kind: [x["total_seconds"] for x in results] for kind, results in runs.items()}

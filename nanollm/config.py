@@ -90,8 +90,9 @@ def validate_config(cfg: DictConfig) -> None:
         if not isinstance(_get(cfg, "optim.nesterov"), bool):
             raise NanoLLMError(f"optim.nesterov must be true or false, got {_get(cfg, 'optim.nesterov')!r}.")
     _positive_int(cfg, "data.batch_size")
-    if _get(cfg, "data.val_batch_size") is not None:
-        _positive_int(cfg, "data.val_batch_size")
+    for key in ("data.val_batch_size", "data.val_windows"):
+        if _get(cfg, key) is not None:
+            _positive_int(cfg, key)
     overfit = _get(cfg, "data.overfit_batches")
     if overfit is not None and (isinstance(overfit, bool) or not isinstance(overfit, int) or overfit < 0):
         raise NanoLLMError(f"data.overfit_batches must be an integer >= 0 (0 = off), got {overfit!r}.")

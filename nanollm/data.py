@@ -1,97 +1,21 @@
 """The LightningDataModule: contiguous train/validation split and batches of character windows.
 
-Training batches are drawn at random offsets straight from the (memory-mapped) token array, a
-whole batch per fetch with vectorised indexing. Batch `i` depends only on `(seed, rank, i)`,
-so the module's state is a single counter and a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+Batch `i` depends only on `(seed, rank, i)` (nanollm.windows), so the module's state is a single
+counter and a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from nanollm.corpus import DEFAULT_GLOB, EncodedCorpus, prepare_corpus
 from nanollm.errors import NanoLLMError
 from nanollm.tokenizer import CharTokenizer
-
-
-def windows_at(tokens: np.ndarray, starts: np.ndarray, length: int, id_map: np.ndarray | None) -> torch.Tensor:
-    """(len(starts), length) int64 token windows, re-numbered through `id_map` when the run's vocabulary
-    orders characters differently from the cached encoding (a fine-tuned, extended vocabulary)."""
-    windows = tokens[starts[:, None] + np.arange(length)]
-    return torch.from_numpy(id_map[windows] if id_map is not None else windows.astype(np.int64))
-
-
-class RandomWindows(IterableDataset):
-    """An endless stream of `(x, y)` batches, each `batch_size` windows at random offsets.
-
-    With `repeat` set, batch indices cycle through the first `repeat` ones: the same few batches over
-    and over, to check that a model can overfit them (`debug=overfit`).
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        context_length: int,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        start: int,
-        id_map: np.ndarray | None = None,
-        repeat: int | None = None,
-    ):
-        self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
-        self.seed, self.rank, self.start, self.id_map, self.repeat = seed, rank, start, id_map, repeat
-
-    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.repeat:
-            index %= self.repeat
-        rng = np.random.default_rng([self.seed, self.rank, index])
-        offsets = rng.integers(0, len(self.tokens) - self.context_length, size=self.batch_size)
-        windows = windows_at(self.tokens, offsets, self.context_length + 1, self.id_map)  # (B, T+1)
-        return windows[:, :-1], windows[:, 1:]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = self.start
-        while True:
-            yield self.batch(index)
-            index += 1
-
-
-class SequentialWindows(IterableDataset):
-    """Non-overlapping windows covering the validation split once: a stable, comparable estimate.
-
-    Under DDP each process takes every `world`-th window, so the split is scored once in all.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        context_length: int,
-        batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        id_map: np.ndarray | None = None,
-    ):
-        num_windows = (len(tokens) - 1) // context_length
-        self.starts = (np.arange(num_windows) * context_length)[rank::world]
-        self.tokens, self.context_length, self.batch_size, self.id_map = tokens, context_length, batch_size, id_map
-
-    def __len__(self) -> int:
-        return -(-len(self.starts) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for first in range(0, len(self.starts), self.batch_size):
-            windows = windows_at(
-                self.tokens, self.starts[first : first + self.batch_size], self.context_length + 1, self.id_map
-            )
-            yield windows[:, :-1], windows[:, 1:]
+from nanollm.windows import RandomWindows, SequentialWindows
 
 
 class CharDataModule(L.LightningDataModule):
@@ -110,6 +34,7 @@ class CharDataModule(L.LightningDataModule):
         glob: str = DEFAULT_GLOB,
         val_batch_size: int | None = None,
         overfit_batches: int = 0,
+        val_windows: int | None = None,
     ):
         super().__init__()
         if path is None and corpus is None:
@@ -124,6 +49,9 @@ class CharDataModule(L.LightningDataModule):
         # Validation only runs forward passes, so it can take far larger batches than training.
         self.val_batch_size = val_batch_size or batch_size
         self.overfit_batches = overfit_batches
+        # Validations during training score val_windows windows of the split; the last one scores every window.
+        self.val_windows = val_windows
+        self.val_dataset: SequentialWindows | None = None
         self.id_map: np.ndarray | None = None  # set by use_vocabulary
         self.batches_served = 0  # restored from checkpoints; the next training batch's index
         self.train_tokens: np.ndarray | None = None
@@ -183,8 +111,21 @@ class CharDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         batch = max(self.val_batch_size // world, 1)
-        dataset = SequentialWindows(self.val_tokens, self.context_length, batch, rank, world, self.id_map)
-        return DataLoader(dataset, batch_size=None, pin_memory=self.pin_memory)
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"  # trainer.validate() scores every window
+        limit = self.val_windows if fitting else None
+        self.val_dataset = SequentialWindows(
+            self.val_tokens, self.context_length, batch, rank, world, self.id_map, limit
+        )
+        return DataLoader(self.val_dataset, batch_size=None, pin_memory=self.pin_memory)
+
+    def score_every_val_window(self) -> None:
+        """Make the coming validation a full pass over the split (the last one of a run)."""
+        if self.val_dataset is not None:
+            self.val_dataset.limit = None
+
+    @property
+    def num_val_windows(self) -> int:
+        return (len(self.val_tokens) - 1) // self.context_length
 
     @staticmethod
     def _per_rank(batch_size: int, world_size: int, key: str) -> int:

@@ -144,6 +144,7 @@ def build_datamodule(cfg: DictConfig, corpus: EncodedCorpus | None, seed: int) -
         pin_memory=uses_cuda(cfg.trainer),
         glob=cfg.data.get("glob") or DEFAULT_GLOB,
         val_batch_size=cfg.data.get("val_batch_size"),
+        val_windows=cfg.data.get("val_windows"),
         overfit_batches=cfg.data.get("overfit_batches") or 0,
     )
     datamodule.setup("fit")
@@ -239,8 +240,9 @@ def _val_check_batches(trainer_cfg: DictConfig):
 
 def finish_training(trainer: L.Trainer, module: LanguageModelModule, datamodule, final_path: Path, extension: str):
     """Validate at the last step if that was not done, save the final checkpoint, `last` and `best`."""
-    if not module.val_history or module.val_history[-1]["step"] != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)
+    last = module.val_history[-1] if module.val_history else {}
+    if last.get("step") != trainer.global_step or not last.get("full_pass", True):
+        trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)  # a full pass
     trainer.save_checkpoint(final_path, weights_only=False)
     if not trainer.is_global_zero:
         return
@@ -323,7 +325,8 @@ def _results(cfg, module, trainer, training_time, final_path, interrupt, start: 
         "final_grad_norm": module.last_grad_norm,
         "first_step_unix_time": module.first_step_time,
         "finished_unix_time": time.time(),
-        "val_loss_estimate": "full pass over the validation split",
+        "val_loss_estimate": "final: a full pass over the validation split; during training: "
+        + (f"{cfg.data.val_windows} evenly spaced windows" if cfg.data.get("val_windows") else "full passes"),
         "val_history": module.val_history,
         "checkpoint_path": str(interrupt.saved_path or final_path),
         "device": str(trainer.strategy.root_device),

@@ -111,7 +111,7 @@ TRAIN_CASES = {
     "unknown trainer": (["trainer=tpu"], ["unknown trainer 'tpu'"]),
     "unknown key": (["foo=1"], ["unknown config key 'foo'", "+foo="]),
     "unquoted comma": (["sample.prompt=Hi,", "you?"], ["could not parse the override", "quote"]),
-    "comma in a value": (["sample.prompt=Hi, you?"], ["has a comma", "sample.prompt=\"Hi, you?\""]),
+    "comma in a value": (["sample.prompt=Hi, you?"], ["has a comma", 'sample.prompt="Hi, you?"']),
     "bogus precision": (["trainer.precision=bogus"], ["Precision 'bogus' is invalid", "trainer"]),
     "GPU accelerator without a GPU": (["trainer.accelerator=gpu"], ["no CUDA GPU", "trainer.accelerator=cpu"]),
     "FSDP without a GPU": (["trainer=fsdp"], ["no CUDA GPU", "trainer.accelerator=cpu"]),

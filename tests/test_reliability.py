@@ -9,7 +9,7 @@ import torch
 
 from nanollm import NanoLLMError, train_with_config
 from nanollm.checkpointing import atomic_torch_save, read_checkpoint
-from tests.conftest import SAMPLE, assert_user_error, read_results, run_script, train_args
+from tests.conftest import SAMPLE, assert_user_error, read_results, run_cli, run_script, train_args
 
 # Dropout on and two micro-batches per optimizer step, so the test also covers the random state that
 # drives dropout and the step boundaries of gradient accumulation.
@@ -181,17 +181,32 @@ def test_nan_loss_stops_at_once_naming_the_step_and_saves_no_diverged_weights(tm
         assert all(torch.isfinite(v).all() for v in state.values()), path
 
 
-def test_sustained_gradient_norm_outside_the_range_warns_once(tmp_path):
-    # Normal gradient norms (~1) sit above a lowered ceiling, so the stretch is sustained.
+@pytest.mark.parametrize(
+    "bounds, advice",
+    [
+        # Normal gradient norms (~1) sit above a lowered ceiling, or below a raised floor: a sustained stretch.
+        (["callbacks.training_health.grad_norm_high=0.05"], "lower optim.lr"),
+        (
+            ["callbacks.training_health.grad_norm_low=50", "callbacks.training_health.grad_norm_high=100"],
+            "raise optim.lr",
+        ),
+    ],
+    ids=["too high", "too low"],
+)
+def test_sustained_gradient_norm_outside_the_range_warns_once_per_run(tmp_path, bounds, advice):
+    # Two batches per optimizer step: the warning counts log intervals, not micro-batches.
     args = [
-        "callbacks.training_health.grad_norm_high=0.05",
+        *bounds,
         "callbacks.training_health.patience=2",
         "trainer.max_steps=40",
+        "trainer.accumulate_grad_batches=2",
     ]
-    result = run_script("train.py", train_args(tmp_path, *args))
+    result = run_cli("train.py", train_args(tmp_path, *args))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if "outside the healthy range" in line]
-    assert len(warnings) == 1 and "lower optim.lr" in warnings[0]
+    assert len(warnings) == 1 and advice in warnings[0], result.stdout
+    assert "for 2 log intervals (step 10)" in warnings[0]  # log interval 5: the 2nd interval ends at step 10
+    assert "outside the healthy range" in (tmp_path / "run" / "train.log").read_text()
 
 
 class _RunsCode:

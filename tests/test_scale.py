@@ -184,6 +184,10 @@ def test_fsdp_config_is_one_lightning_accepts_and_clips_over_every_shard():
     assert module._gradient_norm() == 2.5 and calls == [1.0, float("inf")]
 
 
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="needs the sweeps extra (pip install -e '.[sweeps]')",
+)
 def test_slurm_launcher_configs_compose():
     from hydra import compose, initialize_config_dir
 
