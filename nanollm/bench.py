@@ -1,12 +1,15 @@
 """Benchmarks: `python -m nanollm.bench [--data PATH] [--out FILE]`.
 
-Everything is measured side by side in one process run so machine noise cancels:
+Everything is measured side by side in one invocation, interleaved, so machine noise cancels:
+- whole processes, start to exit: the reference recipe in a bare loop as nanoGPT's train.py runs it
+  (the yardstick), train.py on that recipe with its defaults, and experiment=speedrun_cpu;
 - training tokens/s and ms/step of the Lightning path (`nanollm.training.run`, as train.py runs it)
-  against a bare PyTorch loop with the same model, batches, optimizer, schedule and clipping;
-- model FLOPs utilisation against a measured matrix-multiply peak of this machine;
-- generation characters/s with and without the KV cache;
-- corpus preparation MB/s and peak memory on a generated corpus;
-- time from `python train.py` to the first optimizer step.
+  against the bare loop with the same model, batches, optimizer, schedule and clipping, and that both
+  reach the same validation loss; model FLOPs utilisation against a measured matmul peak;
+- characters scored per second by the validation pass and eval.py (medium preset);
+- generation characters/s: long texts past the context, and with and without the KV cache;
+- corpus preparation MB/s and peak memory, a repeated start on a large corpus, and the time from
+  `python train.py` to the first optimizer step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from nanollm.bare import REFERENCE, bare_loop
+from nanollm.training import VAL_BATCH_TOKENS
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "raw" / "sample.txt"
@@ -159,6 +164,124 @@ def reference_quality(data: Path, work: Path, steps: int, rounds: int = 2) -> di
     return {**best, "steps": steps, "rounds": rounds, "every_run_seconds": every}
 
 
+def whole_process_runs(data: Path, work: Path, rounds: int, steps: int = 2000) -> dict:
+    """Whole processes, timed from start to exit, in alternating order: the yardstick (the bare loop,
+    as nanoGPT's train.py runs the reference recipe), train.py on the same recipe with its defaults,
+    and train.py experiment=speedrun_cpu. Each round runs all three; every run is kept."""
+    from nanollm.corpus import prepare_corpus
+
+    cache = work / "whole-cache"
+    prepare_corpus(data, cache)  # encoded once beforehand: no run pays for it
+    recipe = [f"{key}={value}" for key, value in REFERENCE.items() if key != "model.name"]
+    common = [f"data.path={data}", f"data.cache_dir={cache}", "trainer.enable_progress_bar=false"]
+    commands = {
+        "bare": [
+            sys.executable,
+            "-m",
+            "nanollm.bare",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--steps",
+            str(steps),
+        ],
+        "train.py": [sys.executable, "train.py", *recipe, f"trainer.max_steps={steps}", *common],
+        "speedrun": [sys.executable, "train.py", "experiment=speedrun_cpu", *common],
+    }
+    runs = {name: [] for name in commands}
+    for r in range(rounds):
+        for name in list(commands) if r % 2 == 0 else list(reversed(commands)):
+            run_dir = work / f"whole-{name}-{r}"
+            command = commands[name] + ([] if name == "bare" else [f"hydra.run.dir={run_dir}"])
+            started = time.time()
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+            ended = time.time()
+            if name == "bare":  # its full validation pass after training is for the report only: not timed
+                info = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[name].append({"seconds": info["trained_until_unix_time"] - started, "val_loss": info["val_loss"]})
+            else:
+                results = json.loads((run_dir / "results.json").read_text())
+                runs[name].append({"seconds": ended - started, "val_loss": results["final_val_loss"]})
+    return {"steps": steps, "rounds": rounds, "runs": runs}
+
+
+def evaluation_speed(data: Path, rounds: int = 3) -> dict:
+    """Characters scored per second for the medium preset on 200,000 characters of `data`: the validation
+    pass as it was (batch 32), the validation pass now (batches of about VAL_BATCH_TOKENS tokens), and
+    eval.py's sliding windows."""
+    from nanollm.api import compose_config
+    from nanollm.config import model_config_from
+    from nanollm.evaluation import score_tokens
+    from nanollm.model import TransformerLanguageModel
+    from nanollm.tokenizer import CharTokenizer
+    from nanollm.windows import SequentialWindows
+
+    text = data.read_text(encoding="utf-8")[:200_000]
+    tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode_array(text)
+    cfg = compose_config(["model=medium"])
+    torch.manual_seed(0)
+    model = TransformerLanguageModel(model_config_from(cfg, tokenizer.vocab_size)).eval()
+    context = model.config.context_length
+
+    def validation(batch_size: int, bf16: bool = False) -> int:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            for x, y in SequentialWindows(ids, context, batch_size):
+                model(x, y)
+        return (len(ids) - 1) // context * context
+
+    def evaluation(bf16: bool = False) -> int:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return score_tokens(model, ids, None, 32)[1]
+
+    paths = {
+        "validation pass as it was (batch 32)": lambda: validation(32),
+        f"validation pass now (batch {VAL_BATCH_TOKENS // context})": lambda: validation(VAL_BATCH_TOKENS // context),
+        "validation pass, bf16 autocast (trainer.precision=bf16-mixed)": lambda: validation(
+            VAL_BATCH_TOKENS // context, True
+        ),
+        f"eval.py (stride {context // 2}: every character scored with >= {context // 2} before it)": evaluation,
+        "eval.py, bf16 autocast (eval.precision=bf16)": lambda: evaluation(True),
+    }
+    best = dict.fromkeys(paths, 0.0)
+    for _ in range(rounds):  # interleaved, so a change in the machine's speed hits every path alike
+        for name, path in paths.items():
+            started = time.perf_counter()
+            characters = path()
+            best[name] = max(best[name], characters / (time.perf_counter() - started))
+    return best
+
+
+def long_generation(characters: int = 2000, samples: int = 8, rounds: int = 3) -> dict:
+    """Characters per second sampling `characters` from an untrained nano model (context 64): recomputing
+    the window past the context (the exact path, as before), rolling the KV cache, and `samples` at once."""
+    from nanollm.generation import generate_batch, generate_tokens, make_generator
+    from nanollm.model import ModelConfig, TransformerLanguageModel
+
+    torch.manual_seed(0)
+    model = TransformerLanguageModel(ModelConfig(65, 32, 2, 4, 64, context_length=64)).eval()
+    paths = {
+        "recompute (exact; the only path before)": lambda: len(
+            list(generate_tokens(model, [0], characters, 0.8, 40, make_generator(0), True, "recompute"))
+        ),
+        "rolling KV cache": lambda: len(
+            list(generate_tokens(model, [0], characters, 0.8, 40, make_generator(0), True, "rolling"))
+        ),
+        f"rolling, {samples} samples in one batch": lambda: (
+            samples
+            * len(generate_batch(model, [0], samples, characters, 1.0, 40, make_generator(0), True, "rolling")[0])
+        ),
+    }
+    best = dict.fromkeys(paths, 0.0)
+    for _ in range(rounds):
+        for name, path in paths.items():
+            started = time.perf_counter()
+            count = path()
+            best[name] = max(best[name], count / (time.perf_counter() - started))
+    return best
+
+
 def generation_speed(preset: str = "medium", context: int = 256, new_tokens: int = 255, rounds: int = 3) -> dict:
     from nanollm.generation import generate_tokens, make_generator
     from nanollm.model import ModelConfig, TransformerLanguageModel
@@ -285,51 +408,121 @@ def large_corpus_start(work: Path, gigabytes: float) -> dict:
     }
 
 
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(map(str, r)) + " |" for r in rows),
+    ]
+
+
+def whole_process_summary(whole: dict) -> dict:
+    """Medians and ratios to the yardstick (the bare loop): each round's own ratio, and the median of those."""
+    runs = whole["runs"]
+    median = {name: statistics.median(r["seconds"] for r in results) for name, results in runs.items()}
+    ratios = {
+        name: [r["seconds"] / bare["seconds"] for r, bare in zip(runs[name], runs["bare"], strict=True)]
+        for name in runs
+        if name != "bare"
+    }
+    return {"median": median, "ratios": ratios, "median_ratio": {n: statistics.median(r) for n, r in ratios.items()}}
+
+
 def markdown(report: dict) -> str:
-    lines = [
-        f"Measured {report['date']} on {report['machine']} with `{report['command']}`.",
+    lines = [f"Measured {report['date']} on {report['machine']} with `{report['command']}`."]
+    if report.get("whole"):
+        whole, summary = report["whole"], whole_process_summary(report["whole"])
+        rows = []
+        for name, label in (
+            ("bare", "bare loop: the reference recipe as nanoGPT's train.py runs it (the yardstick)"),
+            ("train.py", "train.py, the same recipe with its defaults"),
+            ("speedrun", "train.py experiment=speedrun_cpu"),
+        ):
+            results = whole["runs"][name]
+            every = ", ".join(f"{r['seconds']:.1f}" for r in results)
+            vals = ", ".join(f"{r['val_loss']:.4f}" for r in results)
+            ratio = (
+                "1"
+                if name == "bare"
+                else f"{summary['median_ratio'][name]:.3f} ({', '.join(f'{x:.3f}' for x in summary['ratios'][name])})"
+            )
+            rows.append((label, f"{summary['median'][name]:.1f}", every, ratio, vals))
+        lines += [
+            "",
+            f"### Whole processes, start to exit ({whole['rounds']} alternating rounds; ratios per round to the bare loop)",
+            "",
+            *_table(
+                ("run", "median (s)", "every run (s)", "median ratio (each round)", "final val loss (full pass)"), rows
+            ),
+        ]
+    lines += [
         "",
         "### Training throughput: Lightning path vs bare PyTorch loop (same process, interleaved, best of "
         f"{report['rounds']})",
         "",
-        "| config | parameters | tokens/step | Lightning tokens/s | bare tokens/s | Lightning ms/step | bare ms/step | ratio | MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["throughput"]:
-        lines.append(
-            f"| {r['config']} | {r['parameters']:,} | {r['tokens_per_step']} | {r['lightning_tokens_per_s']:,.0f} | "
-            f"{r['bare_tokens_per_s']:,.0f} | {r['lightning_ms_per_step']:.2f} | {r['bare_ms_per_step']:.2f} | "
-            f"{r['ratio']:.3f} | {100 * r['mfu']:.1f}% |"
-        )
-    lines += [
+        *_table(
+            ("config", "parameters", "tokens/step", "Lightning tokens/s", "bare tokens/s", "Lightning ms/step",
+             "bare ms/step", "ratio", "MFU"),
+            [
+                (r["config"], f"{r['parameters']:,}", r["tokens_per_step"], f"{r['lightning_tokens_per_s']:,.0f}",
+                 f"{r['bare_tokens_per_s']:,.0f}", f"{r['lightning_ms_per_step']:.2f}", f"{r['bare_ms_per_step']:.2f}",
+                 f"{r['ratio']:.3f}", f"{100 * r['mfu']:.1f}%")
+                for r in report["throughput"]
+            ],
+        ),
         "",
-        f"MFU is against a measured float32 matmul peak of {report['throughput'][0]['peak_gflops']:.0f} GFLOP/s.",
-    ]
+        f"Both paths use the same optimizer (fused AdamW, train.py's default). MFU is against a measured "
+        f"float32 matmul peak of {report['throughput'][0]['peak_gflops']:.0f} GFLOP/s.",
+    ]  # fmt: skip
     if report.get("reference"):
         ref = report["reference"]
         lines += [
             "",
-            f"### Reference config, {ref['steps']} steps with validation every {ref['steps'] // 4} steps "
-            f"(best of {ref['rounds']} alternating runs)",
+            f"### The same training on both paths: reference recipe, {ref['steps']} steps, validation every "
+            f"{ref['steps'] // 4} steps (in one process)",
             "",
-            "| path | final val loss | wall-clock (s) | every run (s) |",
-            "|---|---|---|---|",
+            *_table(
+                ("path", "final val loss", "wall-clock (s), every run"),
+                [
+                    (
+                        label,
+                        f"{ref[kind]['val_loss']:.4f}",
+                        ", ".join(f"{x:.1f}" for x in ref["every_run_seconds"][kind]),
+                    )
+                    for kind, label in (("lightning", "Lightning (train.py path)"), ("bare", "bare loop"))
+                ],
+            ),
         ]
-        for kind, label in (("lightning", "Lightning (train.py path)"), ("bare", "bare loop")):
-            every = ", ".join(f"{x:.1f}" for x in ref["every_run_seconds"][kind])
-            lines.append(f"| {label} | {ref[kind]['val_loss']:.4f} | {ref[kind]['total_seconds']:.1f} | {every} |")
-        overhead = ref["lightning"]["total_seconds"] / ref["bare"]["total_seconds"] - 1
-        lines += ["", f"Lightning's wall-clock over the bare loop's: {100 * overhead:+.1f}%."]
+    if report.get("evaluation"):
+        lines += [
+            "",
+            "### Scoring text: medium preset, 200,000 characters (best of interleaved rounds)",
+            "",
+            *_table(("path", "characters/s"), [(name, f"{rate:,.0f}") for name, rate in report["evaluation"].items()]),
+        ]
+    if report.get("long_generation"):
+        lines += [
+            "",
+            f"### Long generation: {report['long_generation_characters']:,} characters from nano (context 64), "
+            "generate.py's sampling settings (best of interleaved rounds)",
+            "",
+            *_table(
+                ("path", "characters/s"), [(name, f"{rate:,.0f}") for name, rate in report["long_generation"].items()]
+            ),
+        ]
     gen = report["generation"]
     lines += [
         "",
-        f"### Generation (medium preset at a 256-character context, {gen['tokens']} new characters from a 1-character prompt)",
+        f"### KV cache (medium preset at a 256-character context, {gen['tokens']} new characters from a 1-character prompt)",
         "",
-        "| path | characters/s |",
-        "|---|---|",
-        f"| KV cache | {gen['cache']:,.0f} |",
-        f"| no cache | {gen['no_cache']:,.0f} |",
-        f"| speed-up | {gen['speedup']:.1f}x |",
+        *_table(
+            ("path", "characters/s"),
+            [
+                ("KV cache", f"{gen['cache']:,.0f}"),
+                ("no cache", f"{gen['no_cache']:,.0f}"),
+                ("speed-up", f"{gen['speedup']:.1f}x"),
+            ],
+        ),
     ]
     if report.get("data"):
         d = report["data"]
@@ -362,16 +555,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per path (best is kept)")
     parser.add_argument("--presets", default="nano,small,medium")
     parser.add_argument("--corpus-mb", type=int, default=200, help="size of the generated corpus (0 skips)")
-    parser.add_argument(
-        "--large-corpus-gb",
-        type=float,
-        default=0,
-        help="GB of a generated corpus to time a repeated start on (0 skips)",
-    )
-    parser.add_argument("--skip-reference", action="store_true", help="skip the full 2000-step reference run")
-    parser.add_argument("--reference-steps", type=int, default=2000, help="steps of the reference run")
-    parser.add_argument("--reference-rounds", type=int, default=2, help="alternating runs per path (fastest kept)")
-    parser.add_argument("--gen-tokens", type=int, default=255, help="characters generated per speed measurement")
+    parser.add_argument("--large-corpus-gb", type=float, default=0, help="GB of a generated corpus (0 skips)")
+    parser.add_argument("--whole-rounds", type=int, default=2, help="rounds of whole-process runs (0 skips)")
+    parser.add_argument("--whole-steps", type=int, default=2000, help="steps of the whole-process reference runs")
+    parser.add_argument("--reference-steps", type=int, default=300, help="steps of the in-process equality check")
+    parser.add_argument("--reference-rounds", type=int, default=1, help="runs per path of the equality check (0 skips)")
+    parser.add_argument("--gen-tokens", type=int, default=255, help="characters generated per KV-cache measurement")
+    parser.add_argument("--long-gen", type=int, default=2000, help="characters of the long-generation measurement")
+    parser.add_argument("--skip-scoring", action="store_true", help="skip the scoring-throughput measurement")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     from nanollm.cli import quiet_lightning
@@ -384,12 +575,18 @@ def main(argv: list[str] | None = None) -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "command": "python -m nanollm.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "rounds": args.rounds,
-            "throughput": throughput_rows(args.data, work, args.presets.split(","), args.steps, args.rounds),
-            "generation": generation_speed(new_tokens=args.gen_tokens, rounds=max(args.rounds, 2)),
-            "first_step_seconds": time_to_first_step(work),
         }
-        if not args.skip_reference:
+        if args.whole_rounds:
+            report["whole"] = whole_process_runs(args.data, work, args.whole_rounds, args.whole_steps)
+        report["throughput"] = throughput_rows(args.data, work, args.presets.split(","), args.steps, args.rounds)
+        if args.reference_rounds:
             report["reference"] = reference_quality(args.data, work, args.reference_steps, args.reference_rounds)
+        if not args.skip_scoring:
+            report["evaluation"] = evaluation_speed(args.data, rounds=args.rounds)
+        report["long_generation"] = long_generation(args.long_gen, rounds=max(args.rounds, 2))
+        report["long_generation_characters"] = args.long_gen
+        report["generation"] = generation_speed(new_tokens=args.gen_tokens, rounds=max(args.rounds, 2))
+        report["first_step_seconds"] = time_to_first_step(work)
         if args.corpus_mb:
             report["data"] = data_preparation(work, args.corpus_mb)
         if args.large_corpus_gb:

@@ -262,6 +262,7 @@ def eval_command(cfg: DictConfig) -> None:
         progress=True,
         glob=cfg.data.get("glob") or "**/*.txt",
         method=cfg.eval.get("method") or "windows",
+        precision=str(cfg.eval.get("precision") or "32"),
     )
     print(format_table(results))
     if cfg.output:

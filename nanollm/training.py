@@ -46,6 +46,11 @@ warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
+# Validation batches of about this many tokens were the fastest on a 2-core CPU, for every preset
+# (BENCHMARKS.md; larger ones fall out of the caches). data.val_batch_size overrides it (raise it on GPUs).
+VAL_BATCH_TOKENS = 4096
+
+
 def run(
     cfg: DictConfig,
     model: TransformerLanguageModel | None = None,
@@ -143,7 +148,7 @@ def build_datamodule(cfg: DictConfig, corpus: EncodedCorpus | None, seed: int) -
         corpus=corpus,
         pin_memory=uses_cuda(cfg.trainer),
         glob=cfg.data.get("glob") or DEFAULT_GLOB,
-        val_batch_size=cfg.data.get("val_batch_size"),
+        val_batch_size=cfg.data.get("val_batch_size") or max(VAL_BATCH_TOKENS // cfg.model.context_length, 1),
         val_windows=cfg.data.get("val_windows"),
         overfit_batches=cfg.data.get("overfit_batches") or 0,
     )
