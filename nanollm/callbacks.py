@@ -122,9 +122,16 @@ class TextSamples(L.Callback):
     """After each validation, logs a sample from a fixed prompt to every logger that takes text, to watch
     the text improve."""
 
-    def __init__(self, prompt: str = "The ", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 40):
+    def __init__(
+        self,
+        prompt: str = "The ",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        beyond_context: str = "rolling",
+    ):
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
-        self.temperature, self.top_k = temperature, top_k
+        self.temperature, self.top_k, self.beyond_context = temperature, top_k, beyond_context
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         tokenizer = pl_module.tokenizer
@@ -132,7 +139,14 @@ class TextSamples(L.Callback):
             return
         prompt = usable_prompt(tokenizer, self.prompt)
         text = generate_text(
-            pl_module.model, tokenizer, prompt, self.max_new_tokens, self.temperature, self.top_k, seed=0
+            pl_module.model,
+            tokenizer,
+            prompt,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_k,
+            seed=0,
+            beyond_context=self.beyond_context,
         )
         for logger in trainer.loggers:
             log_text_sample(logger, text, trainer.global_step)

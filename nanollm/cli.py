@@ -209,10 +209,9 @@ def generate_command(cfg: DictConfig) -> None:
 
     from nanollm.checkpointing import model_from_checkpoint, resolve_checkpoint
     from nanollm.config import validate_generate_config
-    from nanollm.generation import check_beyond_context, generate_batch, generate_tokens, make_generator
+    from nanollm.generation import generate_batch, generate_tokens, make_generator
 
     validate_generate_config(cfg)
-    check_beyond_context(cfg.beyond_context)
     path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
     device = (
         "cuda"

@@ -112,6 +112,7 @@ def validate_config(cfg: DictConfig) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise NanoLLMError(f"seed must be an integer in [0, 2^32), or null to draw one, got {seed!r}.")
     _validate_sample(cfg)
+    _check_choice(cfg, "sample.beyond_context", ("recompute", "rolling"))
     _validate_devices(cfg)
     path = _get(cfg, "data.path")
     if not path:
@@ -121,6 +122,12 @@ def validate_config(cfg: DictConfig) -> None:
             "init_from and ckpt_path were both given: ckpt_path resumes a run, init_from starts a new run from a "
             "checkpoint's weights. Keep one of them."
         )
+
+
+def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    value = _get(cfg, key)
+    if value is not None and value not in choices:
+        raise NanoLLMError(f"{key} must be one of {', '.join(choices)}, got {value!r}.")
 
 
 def _validate_devices(cfg: DictConfig) -> None:
@@ -169,6 +176,7 @@ def validate_generate_config(cfg: DictConfig) -> None:
             "(or ckpt_path=last / best)."
         )
     _validate_sample(cfg, prefix="")
+    _check_choice(cfg, "beyond_context", ("recompute", "rolling"))
     _positive_int(cfg, "num_samples")
     check_device(_get(cfg, "device"))
 

@@ -377,5 +377,12 @@ def sample_text(model: TransformerLanguageModel, tokenizer, sample: DictConfig) 
     """The configured prompt (unknown characters dropped) and a sampled continuation."""
     prompt = usable_prompt(tokenizer, sample.prompt)
     return generate_text(
-        model, tokenizer, prompt, sample.max_new_tokens, sample.temperature, sample.top_k, sample.get("seed", 0)
+        model,
+        tokenizer,
+        prompt,
+        sample.max_new_tokens,
+        sample.temperature,
+        sample.top_k,
+        sample.get("seed", 0),
+        beyond_context=sample.get("beyond_context") or "recompute",
     )

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 
 import lightning as L
 
@@ -62,3 +63,26 @@ class RecordBatches(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         with open(os.path.join(self.path, f"batches_rank{trainer.global_rank}.json"), "w") as handle:
             json.dump(self.batches, handle)
+
+
+class InfiniteLearningRateAt(L.Callback):
+    """Sets every learning rate to infinity for optimizer step `step` (from 1): that step's loss is still
+    finite, the weights it leaves are not."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.step:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = float("inf")
+
+
+class SlowValidation(L.Callback):
+    """Makes every validation batch `seconds` slower, as a large validation split would."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        time.sleep(self.seconds)

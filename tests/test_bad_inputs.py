@@ -106,6 +106,7 @@ TRAIN_CASES = {
     "zero sample temperature": (["sample.temperature=0"], ["sample.temperature", "> 0"]),
     "zero sample top_k": (["sample.top_k=0"], ["sample.top_k", ">= 1"]),
     "negative sample length": (["sample.max_new_tokens=-1"], ["sample.max_new_tokens", ">= 0"]),
+    "unknown sample beyond_context": (["sample.beyond_context=slide"], ["sample.beyond_context", "recompute, rolling"]),
     # Hydra and Lightning
     "unknown preset": (["model=huge"], ["unknown model 'huge'", "nano"]),
     "unknown trainer": (["trainer=tpu"], ["unknown trainer 'tpu'"]),
@@ -160,14 +161,29 @@ GENERATE_CASES = {
     "zero top_k": ([f"ckpt_path={DONE}", "top_k=0"], ["top_k", ">= 1"]),
     "text seed": ([f"ckpt_path={DONE}", "seed=abc"], ["seed", "'abc'"]),
     "CUDA without a GPU": ([f"ckpt_path={DONE}", "device=cuda"], ["device=cuda", "no CUDA GPU", "device=cpu"]),
+    "unknown beyond_context": ([f"ckpt_path={DONE}", "beyond_context=slide"], ["beyond_context", "recompute, rolling"]),
     "unknown key": ([f"ckpt_path={DONE}", "promt=x"], ["unknown config key 'promt'"]),
 }
+EVAL_CASES = {
+    "no checkpoint given": ([], ["ckpt_path is required"]),
+    "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["nope.ckpt", "does not exist"]),
+    "foreign checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["not a nanollm checkpoint"]),
+    "text file as checkpoint": ([f"ckpt_path={SAMPLE}"], ["sample.txt", "not a checkpoint"]),
+    "unseen characters": ([f"ckpt_path={DONE}", "data.path={ws}/new_letters.txt"], ["'Æ'", "eval.unknown=skip"]),
+    "one character": ([f"ckpt_path={DONE}", "data.path={ws}/one.txt"], ["at least 2"]),
+    "stride past the context": ([f"ckpt_path={DONE}", "eval.stride=33"], ["eval.stride", "(32)"]),
+    "zero stride": ([f"ckpt_path={DONE}", "eval.stride=0"], ["eval.stride"]),
+    "unknown eval.unknown": ([f"ckpt_path={DONE}", "eval.unknown=drop"], ["eval.unknown", "error, skip"]),
+    "unknown eval.method": ([f"ckpt_path={DONE}", "eval.method=beam"], ["eval.method", "windows, rolling"]),
+    "no best checkpoint anywhere": (["ckpt_path=best", "outputs_dir={ws}/no_best"], ["found no best.ckpt"]),
+    **{k: ([f"ckpt_path={{ws}}/{f}"], m) for k, (f, m) in MALFORMED.items()},
+}
 # Run as real subprocesses too: the in-process runner must not hide what a new process shows.
-IN_A_SUBPROCESS = {"train: unknown preset", "train: zero accumulation", "generate: NaN weights"}
+IN_A_SUBPROCESS = {"train: unknown preset", "train: zero accumulation", "generate: NaN weights", "eval: one character"}
 
 
 def cases():
-    for script, table in (("train.py", TRAIN_CASES), ("generate.py", GENERATE_CASES)):
+    for script, table in (("train.py", TRAIN_CASES), ("generate.py", GENERATE_CASES), ("eval.py", EVAL_CASES)):
         for name, (args, fragments) in table.items():
             case_id = f"{script.removesuffix('.py')}: {name}"
             yield pytest.param(script, args, fragments, case_id in IN_A_SUBPROCESS, id=case_id)

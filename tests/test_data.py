@@ -63,3 +63,41 @@ def test_directory_is_read_through_the_glob(tmp_path, cache):
     module.prepare_data()
     module.setup()
     assert module.corpus.tokenizer.decode(module.corpus.tokens) == "print('hello')\n" * 10
+
+
+def test_validation_is_split_between_processes_and_a_limit_spreads_it_over_the_split():
+    from nanollm.windows import SequentialWindows
+
+    tokens = np.arange(1001) % 50
+    every = [s for rank in (0, 1) for s in SequentialWindows(tokens, 10, 4, rank, 2).starts()]
+    assert sorted(every) == list(range(0, 1000, 10))  # both processes together: each window once
+    limited = SequentialWindows(tokens, 10, 4, limit=5)
+    assert list(limited.starts()) == [0, 250, 500, 740, 990] and len(limited) == 25  # len: the full pass
+    assert sum(x.shape[0] for x, _ in limited) == 5
+    limited.limit = None  # lifted for a run's last validation
+    assert sum(x.shape[0] for x, _ in limited) == 100
+
+
+def test_dropout_masks_differ_between_micro_batches_and_processes_but_repeat_on_resume():
+    from nanollm.module import dropout_seed
+
+    seeds = {dropout_seed(1337, rank, index) for rank in range(4) for index in range(1000)}
+    assert len(seeds) == 4000  # every (rank, batch index) its own masks
+    assert dropout_seed(1337, 1, 7) == dropout_seed(1337, 1, 7) != dropout_seed(1338, 1, 7)
+
+
+def test_each_micro_batch_of_an_accumulated_step_draws_its_own_dropout_masks():
+    from types import SimpleNamespace
+
+    from nanollm.module import LanguageModelModule
+
+    module = LanguageModelModule(model_config={"vocab_size": 5, "embedding_dim": 8, "num_heads": 2, "dropout": 0.1}, optim={})
+
+    def draw(global_step: int, batch_idx: int, rank: int = 0) -> float:
+        module._trainer = SimpleNamespace(accumulate_grad_batches=2, global_step=global_step, global_rank=rank)
+        module.on_train_batch_start(None, batch_idx)
+        return torch.rand(()).item()
+
+    first, second = draw(3, 6), draw(3, 7)  # the two micro-batches of optimizer step 4
+    assert first != second and draw(3, 6, rank=1) != first
+    assert draw(3, 0) == first  # batch_idx restarts after a resume: the same index, the same masks

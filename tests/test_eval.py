@@ -21,7 +21,7 @@ from nanollm.evaluation import (
 )
 from nanollm.model import TransformerLanguageModel
 from nanollm.tokenizer import CharTokenizer
-from tests.conftest import SAMPLE, assert_user_error, run_cli, run_script
+from tests.conftest import SAMPLE, run_cli, run_script
 
 CONTEXT = 8
 
@@ -184,30 +184,3 @@ def test_a_list_of_runs_and_sweeps_prints_one_row_each_sorted_by_bits(trained_ru
     assert bits == sorted(bits) and report[-1]["checkpoint"] == step_10  # 10 steps of training score worst
     rows = result.stdout.splitlines()[1:4]
     assert [row.split()[0] for row in rows] == [r["checkpoint"] for r in report]
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("eval_bad")
-    (ws / "one.txt").write_text("T", encoding="utf-8")
-    (ws / "unseen.txt").write_text("The snowman \u2603 melts.", encoding="utf-8")
-    torch.save({"state_dict": {}, "epoch": 0}, ws / "foreign.ckpt")
-    return ws
-
-
-BAD_CASES = {
-    "no ckpt_path": ([], ["ckpt_path is required"]),
-    "missing checkpoint": (["ckpt_path={ws}/missing.ckpt"], ["missing.ckpt", "does not exist"]),
-    "not a nanollm checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["not a nanollm checkpoint"]),
-    "unseen characters": (["ckpt_path={ckpt}", "data.path={ws}/unseen.txt"], ["'\u2603'", "eval.unknown=skip"]),
-    "one character": (["ckpt_path={ckpt}", "data.path={ws}/one.txt"], ["at least 2"]),
-    "stride past the context": (["ckpt_path={ckpt}", "eval.stride=33"], ["eval.stride", "(32)"]),
-    "unknown eval.unknown": (["ckpt_path={ckpt}", "eval.unknown=drop"], ["eval.unknown", "error, skip"]),
-}
-
-
-@pytest.mark.parametrize("case", BAD_CASES, ids=list(BAD_CASES))
-def test_bad_input_is_one_error_line(case, bad_files, trained_checkpoint):
-    args, fragments = BAD_CASES[case]
-    result = run_cli("eval.py", [a.format(ws=bad_files, ckpt=trained_checkpoint) for a in args])
-    assert_user_error(result, *fragments)

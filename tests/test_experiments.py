@@ -24,8 +24,7 @@ def context_sweep(tmp_path_factory):
     """A real multirun of the context_scaling experiment with a tiny model and few steps."""
     tmp = tmp_path_factory.mktemp("sweep")
     args = [
-        "-m",
-        "experiment=context_scaling",
+        "experiment=context_scaling",  # sweeps without -m: the experiment sets hydra.mode=MULTIRUN
         *SWEEP_TINY,
         f"hydra.sweep.dir={tmp / 'sweep'}",
         f"data.cache_dir={tmp / 'cache'}",

@@ -171,14 +171,33 @@ def test_results_json_is_replaced_whole_or_not_at_all(trained_run, tmp_path):
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 25
 
 
-def test_nan_loss_stops_at_once_naming_the_step_and_saves_no_diverged_weights(tmp_path):
-    result = run_script(
+def test_nan_loss_stops_at_once_naming_the_step(tmp_path):
+    result = run_cli(
         "train.py", train_args(tmp_path, "optim.lr=1e30", "trainer.gradient_clip_val=null", "optim.warmup_steps=0")
     )
-    assert_user_error(result, "Loss became NaN/Inf at step", "Lower the learning rate")
-    for path in (tmp_path / "run").rglob("*.ckpt"):
-        state = torch.load(path, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values()), path
+    assert_user_error(result, "Loss became NaN/Inf at step 1;", "Lower the learning rate")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_diverged_weights_are_never_checkpointed_and_the_last_good_checkpoint_stays_the_newest(tmp_path):
+    # Step 12 runs at an infinite rate: its loss is finite, the weights it leaves are not, and step 12 is
+    # a checkpoint step (every 3 steps; losses are checked every 10).
+    fault = ["+callbacks.fault._target_=tests.faults.InfiniteLearningRateAt", "+callbacks.fault.step=12"]
+    args = [*fault, "checkpoint_interval=3", "trainer.log_every_n_steps=10", "trainer.gradient_clip_val=null"]
+    result = run_cli("train.py", train_args(tmp_path, *args))
+    assert_user_error(result, "Weights became NaN/Inf by step 12; no checkpoint was written", "Lower the learning rate")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint_step_*")) == [
+        "checkpoint_step_3.ckpt",
+        "checkpoint_step_6.ckpt",
+        "checkpoint_step_9.ckpt",
+    ]
+    for path in checkpoints.glob("*.ckpt"):
+        state = torch.load(path, weights_only=True)
+        assert state["global_step"] <= 9 and all(torch.isfinite(v).all() for v in state["state_dict"].values()), path
+    resumed = run_cli("train.py", [*train_args(tmp_path), "ckpt_path=last"])  # the fix: resume from the last good one
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_results(tmp_path / "run")["start_step"] == 9
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,128 @@
+"""Run management as Hydra and Lightning users expect it: a directory per run, users' own config
+directories, re-running a saved config, loggers, the progress bar and --help."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from nanollm.config import claim_unique_dir
+from tests.conftest import ROOT, TINY, read_results, run_cli, train_args
+
+
+def test_a_run_directory_is_claimed_once_even_when_its_name_is_taken(tmp_path):
+    base = str(tmp_path / "outputs" / "10-00-00")
+    assert [claim_unique_dir(base) for _ in range(3)] == [base, f"{base}-1", f"{base}-2"]
+
+
+def test_two_runs_started_together_get_two_directories_and_both_results_survive(tmp_path):
+    # Both claim from the same base name at the same moment, as two runs started in the same second do.
+    base = tmp_path / "outputs" / "2026-11-24" / "10-00-00"
+    args = [*TINY, f"hydra.run.dir=${{unique_dir:{base}}}", f"data.cache_dir={tmp_path / 'cache'}"]
+    processes = [
+        subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"seed={seed}"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for seed in (1, 2)
+    ]  # fmt: skip
+    assert [p.wait(timeout=180) for p in processes] == [0, 0], [p.stderr.read() for p in processes]
+    runs = sorted(p for p in base.parent.iterdir())
+    assert [p.name for p in runs] == ["10-00-00", "10-00-00-1"]
+    assert sorted(read_results(run)["seed"] for run in runs) == [1, 2]
+    for run in runs:  # each run's own files, no -v1 copies
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+            "best.ckpt",
+            "checkpoint_final.ckpt",
+            "checkpoint_step_10.ckpt",
+            "last.ckpt",
+        ]
+        assert len(list((run / "tensorboard").iterdir())) == 1
+
+
+def test_a_preset_from_the_users_own_config_directory_trains(tmp_path):
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "tiny.yaml").write_text(
+        "name: tiny\nembedding_dim: 8\nnum_layers: 1\nnum_heads: 2\nffn_hidden_dim: 16\ncontext_length: 16\n"
+        "dropout: 0.0\nposition_encoding: rope\nrecommended_lr: 0.003\nrecommended_steps: 6\n"
+    )
+    base = ["trainer.enable_progress_bar=false", f"data.cache_dir={tmp_path / 'c'}", "sample.max_new_tokens=0"]
+    trained = run_cli("train.py", ["--config-dir", str(tmp_path / "my_conf"), "model=tiny", *base,
+                                   f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    results = read_results(tmp_path / "run")
+    assert results["model"] == "tiny" and results["global_step"] == 6
+    # A real typo still gets one line, listing what Hydra finds, the user's directory included.
+    typo = run_cli("train.py", ["--config-dir", str(tmp_path / "my_conf"), "model=tinny", *base])
+    assert (
+        typo.returncode == 1
+        and "error: unknown model 'tinny'; choose one of: large, medium, nano, small, tiny" in typo.stderr
+    )
+
+
+def test_a_runs_saved_config_trains_the_same_run_again(trained_run, tmp_path):
+    (snapshot,) = (trained_run / ".hydra").iterdir()
+    again = run_cli(
+        "train.py",
+        ["--config-path", str(snapshot), "--config-name", "config", f"hydra.run.dir={tmp_path / 'again'}"],
+    )
+    assert again.returncode == 0, again.stderr
+    first, second = read_results(trained_run), read_results(tmp_path / "again")
+    assert second["final_val_loss"] == first["final_val_loss"] and second["num_parameters"] == first["num_parameters"]
+
+
+def test_every_logger_writes_its_files(tmp_path):
+    result = run_cli("train.py", train_args(tmp_path, "logger=[tensorboard,csv,mlflow,wandb]"))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    (metrics,) = run.glob("csv/*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/loss", "hparams/final_val_loss"} <= set(header)
+    assert "```\nThe " in (metrics.parent / "samples.md").read_text()  # text samples beside the metrics
+    assert list(run.glob("tensorboard/*/events.out.tfevents.*"))
+    (mlflow_run,) = [p for p in run.glob("mlruns/*/*") if (p / "metrics").is_dir()]
+    assert (mlflow_run / "metrics" / "val" / "loss").exists() and (mlflow_run / "params" / "optim.lr").exists()
+    assert list(mlflow_run.glob("artifacts/samples/step_*.txt"))
+    assert list(run.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_a_missing_tracker_extra_is_named_in_one_line(tmp_path, monkeypatch):
+    import lightning.pytorch.loggers.mlflow as mlflow_logger
+
+    monkeypatch.setattr(mlflow_logger, "_MLFLOW_AVAILABLE", False)
+    result = run_cli("train.py", train_args(tmp_path, "logger=mlflow"))
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: logger=mlflow needs the optional 'mlflow' extra: pip install -e '.[mlflow]' (or use logger=csv)."
+    )
+
+
+def test_the_progress_bar_counts_steps_without_epochs_or_versions(tmp_path):
+    result = run_cli("train.py", train_args(tmp_path, "trainer.enable_progress_bar=true", "trainer.max_steps=10"))
+    assert result.returncode == 0, result.stderr
+    bar = result.stderr
+    assert "Training: 100%" in bar and "10/10" in bar and "loss=" in bar
+    assert "Epoch" not in bar and "v_num" not in bar
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "eval.py"])
+def test_help_says_what_the_command_does(script):
+    result = run_cli(script, ["--help"])
+    assert result.returncode == 0 and result.stdout.startswith(f"nanollm {script}:")
+    if script == "train.py":
+        assert "model=small" in result.stdout and "ckpt_path=last" in result.stdout and "README.md" in result.stdout
+
+
+def test_tokens_per_second_leaves_out_validation_time(tmp_path):
+    # Every validation batch takes 0.3 s longer: the interval that holds a validation must not look slower.
+    slow = ["+callbacks.slow._target_=tests.faults.SlowValidation", "+callbacks.slow.seconds=0.3"]
+    args = ["logger=csv", "trainer.max_steps=30", "trainer.val_check_interval=10", "data.val_windows=null", *slow]
+    result = run_cli("train.py", train_args(tmp_path, *args))
+    assert result.returncode == 0, result.stderr
+    (metrics,) = (tmp_path / "run").glob("csv/*/metrics.csv")
+    with open(metrics, newline="") as handle:
+        rates = {
+            int(r["step"]): float(r["train/tokens_per_second"])
+            for r in csv.DictReader(handle)
+            if r["train/tokens_per_second"]
+        }
+    # The intervals ending at steps 15 and 25 each hold a validation (steps 10 and 20) of several seconds.
+    assert min(rates[15], rates[25]) > 0.5 * max(rates[20], rates[30]), rates
