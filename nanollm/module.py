@@ -235,17 +235,31 @@ class LanguageModelModule(L.LightningModule):
         return torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning refuses norm clipping under FSDP (the gradients are sharded); FSDP's own clip_grad_norm_
-        # computes the norm over every shard.
-        root = self._sharded_root() if gradient_clip_val else None
-        if root is not None and gradient_clip_algorithm in (None, "norm"):
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        root = self._sharded_root() if by_norm else None
+        if root is not None:
+            # Lightning refuses norm clipping under FSDP (the gradients are sharded); FSDP's own
+            # clip_grad_norm_ computes the norm over every shard.
             root.clip_grad_norm_(gradient_clip_val)
+        elif (
+            by_norm
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and "bf16" in str(self.trainer.precision)
+        ):
+            # A fused optimizer under bf16-mixed: Lightning refuses to clip, fearing a GradScaler that
+            # unscales inside the step; bf16 uses no scaler, so the gradients are clipped as they are.
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         # The fused kernel on CPUs too: a 3x faster optimizer step there (2.1 -> 0.7 ms for the reference model).
-        fused = bool(self.optim.get("fused")) and self.device.type in ("cuda", "cpu")
+        # Not with float16's GradScaler: a fused step unscales the gradients itself, after clipping would run.
+        fused = (
+            bool(self.optim.get("fused"))
+            and self.device.type in ("cuda", "cpu")
+            and not str(self.trainer.precision).startswith("16")
+        )
         optimizer, schedule = build_optimizer(self.model, self.optim, self.trainer.max_steps, fused=fused)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -355,7 +355,9 @@ HPARAM_KEYS = (
     "model.ffn_hidden_dim",
     "model.context_length",
     "model.dropout",
+    "optim.name",
     "optim.lr",
+    "optim.muon_lr",
     "optim.weight_decay",
     "optim.warmup_steps",
     "data.batch_size",
@@ -368,6 +370,7 @@ HPARAM_METRICS = ("final_val_loss", "best_val_loss", "final_val_perplexity", "fi
 def _log_hparams(trainer: L.Trainer, cfg: DictConfig, results: dict) -> None:
     """Hyperparameters with the final metrics, so a tracker's table (TensorBoard's HParams tab) compares runs."""
     params = {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
+    params = {key: value for key, value in params.items() if value is not None}  # optim.muon_lr only with Muon
     metrics = {f"hparams/{key}": results[key] for key in HPARAM_METRICS if results.get(key) is not None}
     for logger in trainer.loggers:
         log_final(logger, params, metrics, trainer.global_step)

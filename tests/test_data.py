@@ -91,7 +91,9 @@ def test_each_micro_batch_of_an_accumulated_step_draws_its_own_dropout_masks():
 
     from nanollm.module import LanguageModelModule
 
-    module = LanguageModelModule(model_config={"vocab_size": 5, "embedding_dim": 8, "num_heads": 2, "dropout": 0.1}, optim={})
+    module = LanguageModelModule(
+        model_config={"vocab_size": 5, "embedding_dim": 8, "num_heads": 2, "dropout": 0.1}, optim={}
+    )
 
     def draw(global_step: int, batch_idx: int, rank: int = 0) -> float:
         module._trainer = SimpleNamespace(accumulate_grad_batches=2, global_step=global_step, global_rank=rank)

@@ -192,9 +192,10 @@ def test_diverged_weights_are_never_checkpointed_and_the_last_good_checkpoint_st
         "checkpoint_step_6.ckpt",
         "checkpoint_step_9.ckpt",
     ]
-    for path in checkpoints.glob("*.ckpt"):
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 9
+    for path in checkpoints.glob("*.ckpt"):  # best.ckpt included (step 10's validation, before step 12)
         state = torch.load(path, weights_only=True)
-        assert state["global_step"] <= 9 and all(torch.isfinite(v).all() for v in state["state_dict"].values()), path
+        assert state["global_step"] < 12 and all(torch.isfinite(v).all() for v in state["state_dict"].values()), path
     resumed = run_cli("train.py", [*train_args(tmp_path), "ckpt_path=last"])  # the fix: resume from the last good one
     assert resumed.returncode == 0, resumed.stderr
     assert read_results(tmp_path / "run")["start_step"] == 9

@@ -98,7 +98,7 @@ def test_a_missing_tracker_extra_is_named_in_one_line(tmp_path, monkeypatch):
 def test_the_progress_bar_counts_steps_without_epochs_or_versions(tmp_path):
     result = run_cli("train.py", train_args(tmp_path, "trainer.enable_progress_bar=true", "trainer.max_steps=10"))
     assert result.returncode == 0, result.stderr
-    bar = result.stderr
+    bar = result.stdout + result.stderr
     assert "Training: 100%" in bar and "10/10" in bar and "loss=" in bar
     assert "Epoch" not in bar and "v_num" not in bar
 
