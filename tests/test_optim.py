@@ -2,6 +2,7 @@
 (steps, exact resume, schedule, clipping, changed settings), warm-up + cosine, and the config checks."""
 
 import io
+import json
 import math
 import re
 
@@ -13,7 +14,8 @@ from nanollm import NanoLLMError, TransformerLanguageModel
 from nanollm.api import compose_config
 from nanollm.config import validate_config
 from nanollm.optim import MuonWithAdamW, WarmupCosine, apply_new_settings, build_optimizer, is_muon_group
-from tests.conftest import assert_user_error, read_results, run_cli, train_args
+from tests.conftest import assert_user_error, read_results, run_cli, run_script, train_args
+from tests.test_reliability import assert_same_state, final_state
 
 ADAMW = {
     "name": "adamw",
@@ -277,6 +279,42 @@ def test_train_py_with_muon_trains_checkpoints_and_resumes(tmp_path):
     assert saved["lr_schedulers"][0]["base_lrs"] == [3e-3, 3e-3, 0.01]
     switched = run_cli("train.py", train_args(tmp_path, "ckpt_path=last", "trainer.max_steps=40", "optim=adamw"))
     assert_user_error(switched, "optim=muon, but this run uses optim=adamw", "init_from=")
+
+
+def test_the_speedrun_preset_resumes_bit_exactly_and_its_checkpoints_generate_and_score(tmp_path):
+    """experiment=speedrun_cpu as users run it (its model, Muon, decay to zero), shortened to 12 steps."""
+
+    def speedrun(run: str, *extra: str) -> list[str]:
+        return [
+            "experiment=speedrun_cpu",
+            "trainer.max_steps=12",
+            "checkpoint_interval=4",
+            "trainer.val_check_interval=6",
+            "optim.warmup_steps=3",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path / run}",
+            f"outputs_dir={tmp_path / 'outputs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *extra,
+        ]
+
+    whole = run_cli("train.py", speedrun("whole"))
+    assert whole.returncode == 0, whole.stderr
+    # Stopped by SIGTERM during step 7, then the same command plus ckpt_path=last.
+    fault = ["+callbacks.fault._target_=tests.faults.SignalAt", "+callbacks.fault.batch=7"]
+    stopped = run_script("train.py", speedrun("split", *fault))
+    assert stopped.returncode == 143, stopped.stderr
+    resumed = run_cli("train.py", speedrun("split", "ckpt_path=last"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_results(tmp_path / "split")["start_step"] == 7
+    assert_same_state(final_state(tmp_path / "whole"), final_state(tmp_path / "split"))
+    assert read_results(tmp_path / "split")["final_val_loss"] == read_results(tmp_path / "whole")["final_val_loss"]
+    checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint_final.ckpt"
+    generated = run_cli("generate.py", [f"ckpt_path={checkpoint}", "max_new_tokens=20"])
+    assert generated.returncode == 0 and len(generated.stdout.strip()) >= 20, generated.stderr
+    scored = run_cli("eval.py", [f"ckpt_path={checkpoint}", f"output={tmp_path / 'eval.json'}"])
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] < 4.0  # untrained: ln(57) = 4.04
 
 
 # ---- config -------------------------------------------------------------------------------------
