@@ -548,10 +548,11 @@ def markdown(report: dict) -> str:
             "",
             f"{d['mb_per_s']:.0f} MB/s ({d['seconds']:.1f} s), peak memory {d['peak_mb']:.0f} MB.",
         ]
-    lines += [
-        "",
-        f"### Time to first step\n\n`python train.py` (nano) to the end of its first optimizer step: {report['first_step_seconds']:.2f} s.",
-    ]
+    if "first_step_seconds" in report:
+        lines += [
+            "",
+            f"### Time to first step\n\n`python train.py` (nano) to the end of its first optimizer step: {report['first_step_seconds']:.2f} s.",
+        ]
     if report.get("large_corpus"):
         big = report["large_corpus"]
         lines += [
@@ -579,6 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-tokens", type=int, default=255, help="characters generated per KV-cache measurement")
     parser.add_argument("--long-gen", type=int, default=2000, help="characters of the long-generation measurement")
     parser.add_argument("--skip-scoring", action="store_true", help="skip the scoring-throughput measurement")
+    parser.add_argument("--skip-first-step", action="store_true", help="skip the time-to-first-step measurement")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     from nanollm.cli import quiet_lightning
@@ -602,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
         report["long_generation"] = long_generation(args.long_gen, rounds=max(args.rounds, 2))
         report["long_generation_characters"] = args.long_gen
         report["generation"] = generation_speed(new_tokens=args.gen_tokens, rounds=max(args.rounds, 2))
-        report["first_step_seconds"] = time_to_first_step(work)
+        if not args.skip_first_step:
+            report["first_step_seconds"] = time_to_first_step(work)
         if args.corpus_mb:
             report["data"] = data_preparation(work, args.corpus_mb)
         if args.large_corpus_gb:

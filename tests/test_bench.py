@@ -9,14 +9,16 @@ from tests.conftest import ROOT
 
 def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp_path):
     out = tmp_path / "table.md"
-    args = ["--steps", "12", "--rounds", "1", "--presets", "nano", "--corpus-mb", "1", "--whole-rounds", "0"]
+    # The parts that time things (scoring, first step, data) are left out: their figures belong in BENCHMARKS.md.
+    args = ["--steps", "12", "--rounds", "1", "--presets", "nano", "--corpus-mb", "0", "--whole-rounds", "0"]
     args += ["--reference-steps", "8", "--gen-tokens", "16", "--long-gen", "80", "--out", str(out)]
+    args += ["--skip-scoring", "--skip-first-step"]
     result = subprocess.run(
         [sys.executable, "-m", "nanollm.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     table = out.read_text()
-    for heading in ("Training throughput", "The same training on both paths", "Scoring text", "Long generation"):
+    for heading in ("Training throughput", "The same training on both paths", "Long generation", "KV cache"):
         assert heading in table, heading
     # Same model, batches, optimizer and schedule on both paths: the same final validation loss.
     losses = {

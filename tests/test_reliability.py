@@ -46,7 +46,7 @@ def assert_same_state(a, b, where="") -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    result = run_script("train.py", train_args(tmp_path, *RESUMABLE))
+    result = run_cli("train.py", train_args(tmp_path, *RESUMABLE))
     assert result.returncode == 0, result.stderr
     return tmp_path / "run"
 
@@ -80,7 +80,8 @@ def test_a_signal_mid_step_then_resume_matches_an_uninterrupted_run(
         results = read_results(tmp_path / "run")
         assert results["status"] == "interrupted" and results["stopped_by"] == signum.name
         assert results["global_step"] == 5
-    resumed = run_script("train.py", [*args, "ckpt_path=last"])  # the same command, plus ckpt_path=last
+    # The same command, plus ckpt_path=last (in this process: only the interrupted run needs its own).
+    resumed = run_cli("train.py", [*args, "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {checkpoints}" in resumed.stdout
     assert_same_state(final_state(uninterrupted), final_state(tmp_path / "run"))
@@ -241,8 +242,9 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
     evil["nanollm"]["payload"] = _RunsCode()
     torch.save(evil, tmp_path / "evil.ckpt")
     for result in (
-        run_script("generate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}"]),
-        run_script("train.py", train_args(tmp_path, f"ckpt_path={tmp_path / 'evil.ckpt'}")),
+        run_cli("generate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}"]),
+        run_cli("eval.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", f"data.path={SAMPLE}"]),
+        run_cli("train.py", train_args(tmp_path, f"ckpt_path={tmp_path / 'evil.ckpt'}")),
     ):
         assert_user_error(result, "Refused to load", "could run code")
     with pytest.raises(NanoLLMError, match="Refused to load"):

@@ -79,33 +79,22 @@ def run_two_nodes(tmp_path, node_args: list[list[str]], name: str) -> list[subpr
     return results
 
 
-def test_two_nodes_share_one_run_directory_and_resume(tmp_path):
-    run = f"hydra.run.dir={tmp_path / 'run'}"
-    trained = run_two_nodes(tmp_path, [[run, "trainer.max_steps=10"]] * 2, "train")
+def test_two_nodes_train_in_one_shared_directory_and_resume_from_their_own_directories(tmp_path):
+    # First both nodes are given one shared run directory. Then each node's Hydra computes a directory
+    # of its own, as when nodes start in different seconds: rank 0's wins, the other node's unused one is
+    # removed, and rank 0 alone resolves ckpt_path=last (the newest run): the other node receives its choice.
+    shared = f"hydra.run.dir={tmp_path / 'run'}"
+    trained = run_two_nodes(tmp_path, [[shared, "trainer.max_steps=10"]] * 2, "train")
     assert [r.returncode for r in trained] == [0, 0], trained[1].stderr
-    resumed = run_two_nodes(tmp_path, [[run, "trainer.max_steps=15", "ckpt_path=last"]] * 2, "resume")
+    assert read_results(tmp_path / "run")["global_step"] == 10
+
+    own = [[f"hydra.run.dir={tmp_path / 'resumed' / f'node{rank}'}", f"outputs_dir={tmp_path}"] for rank in (0, 1)]
+    resumed = run_two_nodes(tmp_path, [[*a, "trainer.max_steps=15", "ckpt_path=last"] for a in own], "resume")
     assert [r.returncode for r in resumed] == [0, 0], resumed[1].stderr
-    assert read_results(tmp_path / "run")["global_step"] == 15 and read_results(tmp_path / "run")["start_step"] == 10
-
-
-def test_two_nodes_with_their_own_run_directories_follow_rank_0(tmp_path):
-    # Each node's Hydra computes a directory of its own (nodes start in different seconds); rank 0's wins,
-    # and rank 0 alone resolves ckpt_path=last: the other node receives its choice.
-    def dirs(name):
-        return [[f"hydra.run.dir={tmp_path / name / f'node{rank}'}", f"outputs_dir={tmp_path}"] for rank in (0, 1)]
-
-    trained = run_two_nodes(tmp_path, [[*a, "trainer.max_steps=10"] for a in dirs("first")], "train")
-    assert [r.returncode for r in trained] == [0, 0], trained[1].stderr
-    assert read_results(tmp_path / "first" / "node0")["global_step"] == 10
-    assert not (tmp_path / "first" / "node1").exists()  # its unused directory is gone
-    resumed = run_two_nodes(
-        tmp_path, [[*a, "trainer.max_steps=15", "ckpt_path=last"] for a in dirs("second")], "resume"
-    )
-    assert [r.returncode for r in resumed] == [0, 0], resumed[1].stderr
-    results = read_results(tmp_path / "second" / "node0")
-    assert results["global_step"] == 15 and results["resumed_from"] == str(
-        tmp_path / "first/node0/checkpoints/last.ckpt"
-    )
+    results = read_results(tmp_path / "resumed" / "node0")
+    assert results["global_step"] == 15 and results["start_step"] == 10
+    assert results["resumed_from"] == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "resumed" / "node1").exists()  # its unused directory is gone
 
 
 def test_slurm_auto_requeue_saves_requeues_and_the_requeued_job_continues(tmp_path):
