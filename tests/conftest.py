@@ -19,6 +19,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "raw" / "sample.txt"
 
+
+def tiny_model(**overrides):
+    """A seeded model for unit tests, in evaluation mode: vocabulary 11, width 16, 2 layers of 2 heads,
+    feed-forward 32, context 8; any ModelConfig field can be overridden."""
+    from nanollm.model import ModelConfig, TransformerLanguageModel
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=11, embedding_dim=16, num_layers=2, num_heads=2, ffn_hidden_dim=32, context_length=8)
+    return TransformerLanguageModel(ModelConfig(**{**settings, **overrides})).eval()
+
+
 # A model and schedule small enough that a run takes a second or two.
 TINY = [
     "model.embedding_dim=16",

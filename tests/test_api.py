@@ -16,7 +16,7 @@ from nanollm import (
     set_seed,
     train_with_config,
 )
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, tiny_model
 from tests.test_reliability import assert_same_state
 
 
@@ -104,14 +104,7 @@ def test_the_runbooks_code_runs_as_written(tmp_path, monkeypatch, capsys):
 def test_checkpoints_of_the_api_rebuild_the_model_alone_when_given_the_tokenizer(tmp_path):
     text = SAMPLE.read_text(encoding="utf-8")
     tokenizer = CharTokenizer.from_text(text)
-    model = TransformerLanguageModel(
-        vocab_size=tokenizer.vocab_size,
-        embedding_dim=16,
-        num_layers=1,
-        num_heads=2,
-        ffn_hidden_dim=32,
-        context_length=16,
-    )
+    model = tiny_model(vocab_size=tokenizer.vocab_size, num_layers=1, context_length=16)
     config = {"num_steps": 7, "checkpoint_dir": str(tmp_path), "checkpoint_interval": 5, "progress_bar": False}
     result = train_with_config(model, tokenizer.encode(text[:4000]), config, tokenizer=tokenizer)
     # The final loss and grad norm are measured even when the steps do not fill a log interval (10 steps).

@@ -19,25 +19,10 @@ from nanollm.evaluation import (
     score_tokens,
     summarize,
 )
-from nanollm.model import TransformerLanguageModel
 from nanollm.tokenizer import CharTokenizer
-from tests.conftest import SAMPLE, run_cli, run_script
+from tests.conftest import SAMPLE, run_cli, run_script, tiny_model
 
 CONTEXT = 8
-
-
-def tiny_model(position_encoding: str = "rope") -> TransformerLanguageModel:
-    torch.manual_seed(0)
-    model = TransformerLanguageModel(
-        vocab_size=11,
-        embedding_dim=16,
-        num_layers=2,
-        num_heads=2,
-        ffn_hidden_dim=32,
-        context_length=CONTEXT,
-        position_encoding=position_encoding,
-    )
-    return model.eval()
 
 
 def random_ids(length: int, seed: int = 0) -> np.ndarray:
@@ -76,7 +61,7 @@ def test_every_character_is_scored_once(length, stride):
 @pytest.mark.parametrize("position_encoding", ["rope", "learned"])
 @pytest.mark.parametrize("length,stride", [(30, 1), (30, 3), (37, CONTEXT), (5, 2)])
 def test_sliding_windows_match_scoring_each_character_alone(position_encoding, length, stride):
-    model = tiny_model(position_encoding)
+    model = tiny_model(position_encoding=position_encoding)
     ids = random_ids(length, seed=length + stride)
     expected = brute_force_nll(model, ids, stride)
     nll_sum, count = score_tokens(model, ids, stride, batch_size=3)  # several batches, the last one partial

@@ -10,6 +10,7 @@ from nanollm.generation import (
     rolling_log_likelihood,
     sample_next,
 )
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +102,7 @@ def test_rolling_goes_past_the_context_reproducibly_and_differs_from_recompute(m
 
 
 def learned_model(tok: CharTokenizer) -> TransformerLanguageModel:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tok.vocab_size,
-        embedding_dim=16,
-        num_layers=2,
-        num_heads=2,
-        ffn_hidden_dim=32,
-        context_length=8,
-        position_encoding="learned",
-    )
-    return TransformerLanguageModel(config)
+    return tiny_model(vocab_size=tok.vocab_size, position_encoding="learned")
 
 
 def test_learned_positions_fall_back_to_recompute_when_asked_to_roll(model_and_tokenizer):

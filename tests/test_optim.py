@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nanollm import NanoLLMError, TransformerLanguageModel
+from nanollm import NanoLLMError
 from nanollm.api import compose_config
 from nanollm.config import validate_config
 from nanollm.optim import MuonWithAdamW, WarmupCosine, apply_new_settings, build_optimizer, is_muon_group
-from tests.conftest import assert_user_error, read_results, run_cli, run_script, train_args
+from tests.conftest import assert_user_error, read_results, run_cli, run_script, tiny_model, train_args
 from tests.test_reliability import assert_same_state, final_state
 
 ADAMW = {
@@ -35,19 +35,6 @@ MUON = {
     "ns_steps": 5,
 }
 VOCAB = 11
-
-
-def tiny_model(position_encoding: str = "rope") -> TransformerLanguageModel:
-    torch.manual_seed(0)
-    return TransformerLanguageModel(
-        vocab_size=VOCAB,
-        embedding_dim=16,
-        num_layers=2,
-        num_heads=2,
-        ffn_hidden_dim=32,
-        context_length=8,
-        position_encoding=position_encoding,
-    )
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +62,7 @@ HIDDEN = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn
 
 # ---- AdamW --------------------------------------------------------------------------------------
 def test_adamw_decays_matrices_and_embeddings_but_not_biases_or_norm_gains():
-    model = tiny_model("learned")
+    model = tiny_model(position_encoding="learned")
     optimizer, _ = build_optimizer(model, ADAMW, max_steps=10)
     assert type(optimizer) is torch.optim.AdamW
     decay, no_decay = optimizer.param_groups
@@ -125,7 +112,7 @@ def test_continued_schedule_starts_where_the_old_stood_and_ends_at_the_new_floor
 # ---- Muon beside AdamW --------------------------------------------------------------------------
 @pytest.mark.parametrize("position_encoding", ["rope", "learned"])
 def test_muon_takes_the_hidden_matrices_and_adamw_everything_else(position_encoding):
-    model = tiny_model(position_encoding)
+    model = tiny_model(position_encoding=position_encoding)
     optimizer, _ = build_optimizer(model, MUON, max_steps=10)
     assert isinstance(optimizer, MuonWithAdamW)
     grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]

@@ -9,7 +9,7 @@ import torch
 
 from nanollm import NanoLLMError, train_with_config
 from nanollm.checkpointing import atomic_torch_save, read_checkpoint
-from tests.conftest import SAMPLE, assert_user_error, read_results, run_cli, run_script, train_args
+from tests.conftest import SAMPLE, assert_user_error, read_results, run_cli, run_script, tiny_model, train_args
 
 # Dropout on and two micro-batches per optimizer step, so the test also covers the random state that
 # drives dropout and the step boundaries of gradient accumulation.
@@ -122,18 +122,11 @@ def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypat
 
 
 def test_a_failing_save_stops_training_with_the_path_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    from nanollm import CharTokenizer, TransformerLanguageModel
+    from nanollm import CharTokenizer
 
     text = SAMPLE.read_text(encoding="utf-8")[:5000]
     tokenizer = CharTokenizer.from_text(text)
-    model = TransformerLanguageModel(
-        vocab_size=tokenizer.vocab_size,
-        embedding_dim=16,
-        num_layers=1,
-        num_heads=2,
-        ffn_hidden_dim=32,
-        context_length=16,
-    )
+    model = tiny_model(vocab_size=tokenizer.vocab_size, num_layers=1, context_length=16)
     real_save, saves = torch.save, []
 
     def disk_fills_up(obj, handle):
