@@ -13,6 +13,7 @@ import torch
 
 from nanollm.api import compose_config
 from tests.conftest import ROOT, TINY, assert_user_error, read_results, run_cli, run_script, train_args
+from tests.test_reliability import assert_same_state, final_state
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
@@ -122,16 +123,26 @@ def test_slurm_auto_requeue_saves_requeues_and_the_requeued_job_continues(tmp_pa
     assert results["global_step"] == 30 and results["start_step"] >= 12
 
 
-def test_gpu_precision_and_compile_flags_run_on_cpu_and_their_checkpoints_load(tmp_path):
+def test_gpu_precision_and_compile_flags_run_on_cpu_resume_exactly_and_their_checkpoints_load(tmp_path):
     # The GPU preset's precision on the CPU (bf16 autocast exists there too), compiled with torch.compile.
     cfg = compose_config(["trainer=gpu"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     args = ["trainer.precision=bf16-mixed", "compile=true", "trainer.max_steps=30", "trainer.val_check_interval=30"]
-    result = run_cli("train.py", train_args(tmp_path, *args, "optim.lr=0.01", "data.val_batch_size=8"))
+    args += ["optim.lr=0.01", "data.val_batch_size=8", "checkpoint_interval=15"]
+    result = run_cli("train.py", train_args(tmp_path, *args))
     assert result.returncode == 0, result.stderr
     assert "precision bf16-mixed" in result.stdout
     results = read_results(tmp_path / "run")
     assert results["precision"] == "bf16-mixed" and results["final_val_loss"] < 3.6  # untrained: ln(57) = 4.04
+    # Resumed from its step-15 checkpoint (in a new directory), the run ends with the same state. In a new
+    # process, as users resume: a second compiled run in one process reuses the first one's compiled code,
+    # and its weights differ in the last bits even without a resume (measured).
+    halfway = tmp_path / "run" / "checkpoints" / "checkpoint_step_15.ckpt"
+    resumed = run_script("train.py", train_args(tmp_path, *args, f"ckpt_path={halfway}", run="resumed"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_results(tmp_path / "resumed")["start_step"] == 15
+    assert_same_state(final_state(tmp_path / "run"), final_state(tmp_path / "resumed"))
+    assert read_results(tmp_path / "resumed")["final_val_loss"] == results["final_val_loss"]
     # Compiled in place: the checkpoint keys are those of the plain model, so generation and eval load it.
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert run_cli("generate.py", [f"ckpt_path={checkpoint}", "max_new_tokens=5"]).returncode == 0
