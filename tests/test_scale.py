@@ -151,6 +151,15 @@ def test_gpu_precision_and_compile_flags_run_on_cpu_resume_exactly_and_their_che
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] < 3.6
 
 
+def test_more_gpus_than_the_machine_has_is_one_line(tmp_path, monkeypatch):
+    # A machine with one GPU, as the config check sees it; the run stops before Lightning touches CUDA.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = run_cli("train.py", train_args(tmp_path, "trainer.accelerator=gpu", "trainer.devices=4"))
+    assert_user_error(result, "trainer.devices=4", "only 1 CUDA GPU", "trainer.devices=1")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_trainer_runs(tmp_path):
     result = run_script("train.py", train_args(tmp_path, "trainer=gpu", "compile=true"), timeout=600)
