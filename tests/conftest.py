@@ -139,7 +139,7 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 def trained_run(tmp_path_factory) -> Path:
     """One tiny train.py run shared by the tests that only read its outputs."""
     tmp_path = tmp_path_factory.mktemp("trained")
-    result = run_script("train.py", train_args(tmp_path))
+    result = run_cli("train.py", train_args(tmp_path))
     assert result.returncode == 0, result.stderr
     return tmp_path / "run"
 

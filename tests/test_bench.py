@@ -1,10 +1,7 @@
 """The benchmark harness (tiny settings here; the real measurements live in BENCHMARKS.md)."""
 
-import subprocess
-import sys
-
+from nanollm import bench
 from nanollm.bench import markdown, whole_process_summary
-from tests.conftest import ROOT
 
 
 def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp_path):
@@ -13,10 +10,7 @@ def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp
     args = ["--steps", "12", "--rounds", "1", "--presets", "nano", "--corpus-mb", "0", "--whole-rounds", "0"]
     args += ["--reference-steps", "8", "--gen-tokens", "16", "--long-gen", "80", "--out", str(out)]
     args += ["--skip-scoring", "--skip-first-step"]
-    result = subprocess.run(
-        [sys.executable, "-m", "nanollm.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
+    bench.main(args)  # what `python -m nanollm.bench ...` runs, in this process
     table = out.read_text()
     for heading in ("Training throughput", "The same training on both paths", "Long generation", "KV cache"):
         assert heading in table, heading
