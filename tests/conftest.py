@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "raw" / "sample.txt"
 
 
+def needs_extra(module: str, extra: str) -> pytest.MarkDecorator:
+    """Skip a test whose optional extra is not installed (`make` installs every extra)."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package is missing too (hydra_plugins without any plugin)
+        missing = True
+    return pytest.mark.skipif(missing, reason=f"needs the {extra} extra (pip install -e '.[{extra}]')")
+
+
 def tiny_model(**overrides):
     """A seeded model for unit tests, in evaluation mode: vocabulary 11, width 16, 2 layers of 2 heads,
     feed-forward 32, context 8; any ModelConfig field can be overridden."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from nanollm.config import claim_unique_dir
-from tests.conftest import ROOT, TINY, read_results, run_cli, train_args
+from tests.conftest import ROOT, TINY, needs_extra, read_results, run_cli, train_args
 
 
 def test_a_run_directory_is_claimed_once_even_when_its_name_is_taken(tmp_path):
@@ -70,6 +70,8 @@ def test_a_runs_saved_config_trains_the_same_run_again(trained_run, tmp_path):
     assert second["final_val_loss"] == first["final_val_loss"] and second["num_parameters"] == first["num_parameters"]
 
 
+@needs_extra("mlflow", "mlflow")
+@needs_extra("wandb", "wandb")
 def test_every_logger_writes_its_files(tmp_path):
     result = run_cli("train.py", train_args(tmp_path, "logger=[tensorboard,csv,mlflow,wandb]"))
     assert result.returncode == 0, result.stderr

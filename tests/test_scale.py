@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanollm.api import compose_config
-from tests.conftest import ROOT, TINY, assert_user_error, read_results, run_cli, run_script, train_args
+from tests.conftest import ROOT, TINY, assert_user_error, needs_extra, read_results, run_cli, run_script, train_args
 from tests.test_reliability import assert_same_state, final_state
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -193,10 +193,7 @@ def test_fsdp_config_is_one_lightning_accepts_and_clips_over_every_shard():
     assert module._gradient_norm() == 2.5 and calls == [1.0, float("inf")]
 
 
-@pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
-    reason="needs the sweeps extra (pip install -e '.[sweeps]')",
-)
+@needs_extra("hydra_plugins.hydra_submitit_launcher", "sweeps")
 def test_slurm_launcher_configs_compose():
     from hydra import compose, initialize_config_dir
 
@@ -207,6 +204,7 @@ def test_slurm_launcher_configs_compose():
         assert cfg.hydra.launcher.submitit_folder.endswith(".submitit/%j")
 
 
+@needs_extra("hydra_plugins.hydra_joblib_launcher", "sweeps")
 def test_a_joblib_sweep_runs_its_jobs_in_parallel_each_on_its_share_of_the_cores(tmp_path):
     args = [
         "-m",
@@ -233,10 +231,7 @@ def test_a_sweep_refuses_ddp_at_once(tmp_path):
     assert not list((tmp_path / "sweep").glob("*/results.json"))
 
 
-@pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason="needs the sweeps extra (pip install -e '.[sweeps]')",
-)
+@needs_extra("hydra_plugins.hydra_optuna_sweeper", "sweeps")
 def test_optuna_search_minimises_the_validation_loss(tmp_path):
     args = [
         "-m",
