@@ -126,5 +126,7 @@ def test_tokens_per_second_leaves_out_validation_time(tmp_path):
             for r in csv.DictReader(handle)
             if r["train/tokens_per_second"]
         }
-    # The intervals ending at steps 15 and 25 each hold a validation (steps 10 and 20) of several seconds.
-    assert min(rates[15], rates[25]) > 0.5 * max(rates[20], rates[30]), rates
+    # The intervals ending at steps 15 and 25 each hold a validation (steps 10 and 20) that takes 10-20 times
+    # as long as their 5 training steps: counted as training time, it would cut their rate by that much. The
+    # bound leaves room for a loaded machine (intervals this short vary by 2x under load).
+    assert min(rates[15], rates[25]) > 0.25 * min(rates[20], rates[30]), rates
