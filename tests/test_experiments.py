@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from nanollm.api import compose_config
-from tests.conftest import LOGGED_SCALARS, ROOT, TINY, run_script
+from tests.conftest import LOGGED_SCALARS, ROOT, TINY, run_cli
 
 SWEEP_TINY = [o for o in TINY if not o.startswith("model.context_length")] + [
     "trainer.max_steps=10",
@@ -29,7 +29,7 @@ def context_sweep(tmp_path_factory):
         f"hydra.sweep.dir={tmp / 'sweep'}",
         f"data.cache_dir={tmp / 'cache'}",
     ]
-    result = run_script("train.py", args, timeout=300)
+    result = run_cli("train.py", args)
     assert result.returncode == 0, result.stderr
     return tmp / "sweep"
 
@@ -98,7 +98,7 @@ def test_a_failing_run_is_reported_and_does_not_stop_the_sweep(tmp_path):
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
-    result = run_script("train.py", args)
+    result = run_cli("train.py", args)
     assert result.returncode == 0, result.stderr
     assert "error: model.embedding_dim (16) must be divisible by model.num_heads (3)" in result.stderr
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())

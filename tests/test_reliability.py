@@ -98,7 +98,7 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_good_
     for name in ("checkpoint_final.ckpt", "last.ckpt", "best.ckpt"):
         path = run / "checkpoints" / name
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
-    result = run_script("train.py", [*train_args(tmp_path, "trainer.max_steps=25"), "ckpt_path=last"])
+    result = run_cli("train.py", [*train_args(tmp_path, "trainer.max_steps=25"), "ckpt_path=last"])
     assert result.returncode == 0, result.stderr
     assert "last.ckpt' is damaged" in result.stdout
     assert f"resuming from {run / 'checkpoints' / 'checkpoint_step_10.ckpt'}" in result.stdout
