@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nanollm.errors import NanoLLMError
+from nanollm.generation import BEYOND_CONTEXT
 from nanollm.model import ModelConfig
 from nanollm.optim import OPTIMIZERS
 
@@ -112,7 +113,7 @@ def validate_config(cfg: DictConfig) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise NanoLLMError(f"seed must be an integer in [0, 2^32), or null to draw one, got {seed!r}.")
     _validate_sample(cfg)
-    _check_choice(cfg, "sample.beyond_context", ("recompute", "rolling"))
+    _check_choice(cfg, "sample.beyond_context", BEYOND_CONTEXT)
     _validate_devices(cfg)
     path = _get(cfg, "data.path")
     if not path:
@@ -176,7 +177,7 @@ def validate_generate_config(cfg: DictConfig) -> None:
             "(or ckpt_path=last / best)."
         )
     _validate_sample(cfg, prefix="")
-    _check_choice(cfg, "beyond_context", ("recompute", "rolling"))
+    _check_choice(cfg, "beyond_context", BEYOND_CONTEXT)
     _positive_int(cfg, "num_samples")
     check_device(_get(cfg, "device"))
 
