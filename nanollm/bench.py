@@ -335,24 +335,30 @@ def data_preparation(work: Path, megabytes: int) -> dict:
     }
 
 
+def one_step_command(run_dir: Path, *overrides: str) -> list[str]:
+    """`python train.py` for one optimizer step and no sample: what a start costs, up to the first step."""
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_steps=1",
+        "sample.max_new_tokens=0",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+
+
+def seconds_to_first_step(run_dir: Path, started_unix_time: float) -> float:
+    return json.loads((run_dir / "results.json").read_text())["first_step_unix_time"] - started_unix_time
+
+
 def time_to_first_step(work: Path) -> float:
     run_dir = work / "first-step"
     start = time.time()
     subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            f"hydra.run.dir={run_dir}",
-            "trainer.max_steps=1",
-            "sample.max_new_tokens=0",
-            "trainer.enable_progress_bar=false",
-            f"data.cache_dir={work / 'cache'}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
+        one_step_command(run_dir, f"data.cache_dir={work / 'cache'}"), cwd=ROOT, check=True, capture_output=True
     )
-    return json.loads((run_dir / "results.json").read_text())["first_step_unix_time"] - start
+    return seconds_to_first_step(run_dir, start)
 
 
 def large_corpus_start(work: Path, gigabytes: float) -> dict:
@@ -379,17 +385,8 @@ def large_corpus_start(work: Path, gigabytes: float) -> dict:
     started = time.perf_counter()
     tokens = len(prepare_corpus(corpus, cache).tokens)
     first_seconds = time.perf_counter() - started
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        f"hydra.run.dir={run_dir}",
-        f"data.path={corpus}",
-        f"data.cache_dir={cache}",
-        "trainer.max_steps=1",
-        "trainer.limit_val_batches=2",  # the final validation would otherwise cover 10% of the corpus
-        "sample.max_new_tokens=0",
-        "trainer.enable_progress_bar=false",
-    ]
+    # trainer.limit_val_batches: the final validation would otherwise cover 10% of the corpus.
+    command = one_step_command(run_dir, f"data.path={corpus}", f"data.cache_dir={cache}", "trainer.limit_val_batches=2")
     log = work / "large-corpus-run.log"
     start = time.time()
     with open(log, "wb") as output:
@@ -402,7 +399,7 @@ def large_corpus_start(work: Path, gigabytes: float) -> dict:
         "files": len(files),
         "tokens": tokens,
         "first_prepare_seconds": first_seconds,
-        "second_start_seconds": json.loads((run_dir / "results.json").read_text())["first_step_unix_time"] - start,
+        "second_start_seconds": seconds_to_first_step(run_dir, start),
         "second_start_peak_mb": peak_kb / 1024,
     }
 
