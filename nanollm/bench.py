@@ -3,6 +3,7 @@
 Everything is measured side by side in one invocation, interleaved, so machine noise cancels:
 - whole processes, start to exit: the reference recipe in a bare loop as nanoGPT's train.py runs it
   (the yardstick), train.py on that recipe with its defaults, and experiment=speedrun_cpu;
+- training ms/step with the exact GELU against GPT-2's tanh form (model.activation);
 - training tokens/s and ms/step of the Lightning path (`nanollm.training.run`, as train.py runs it)
   against the bare loop with the same model, batches, optimizer, schedule and clipping, and that both
   reach the same validation loss; model FLOPs utilisation against a measured matmul peak;
@@ -15,8 +16,10 @@ Everything is measured side by side in one invocation, interleaved, so machine n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -253,6 +256,41 @@ def evaluation_speed(data: Path, rounds: int = 3) -> dict:
     return best
 
 
+def activation_step_times(data: Path, work: Path, presets: list[str], steps: int = 30, rounds: int = 3) -> list[dict]:
+    """ms per training step (forward, backward, fused AdamW) with the exact GELU (model.activation=gelu)
+    and GPT-2's tanh form (gelu_tanh), interleaved, best of `rounds`, on batches of `data`."""
+    from nanollm.config import model_config_from
+    from nanollm.corpus import prepare_corpus
+    from nanollm.model import TransformerLanguageModel
+    from nanollm.optim import build_optimizer
+    from nanollm.windows import RandomWindows
+
+    rows = []
+    corpus = prepare_corpus(data, work / "activation-cache")
+    for name in [*presets, "reference"]:
+        values = dict(REFERENCE) if name == "reference" else {}
+        cfg = compose("nano" if name == "reference" else name, values, work / "activation", data)
+        x, y = RandomWindows(corpus.tokens, cfg.model.context_length, cfg.data.batch_size, 0, 0, 0).batch(0)
+        best = {}
+        for _ in range(rounds):
+            for activation in ("gelu_tanh", "gelu"):
+                torch.manual_seed(0)
+                config = model_config_from(cfg, vocab_size=corpus.tokenizer.vocab_size)
+                model = TransformerLanguageModel(dataclasses.replace(config, activation=activation, dropout=0.0))
+                optimizer, _ = build_optimizer(model, cfg.optim, steps + 1, fused=True)
+                for step in range(steps + 1):
+                    if step == 1:  # the first step allocates; time the rest
+                        started = time.perf_counter()
+                    _, loss = model(x, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                ms = 1000 * (time.perf_counter() - started) / steps
+                best[activation] = min(best.get(activation, math.inf), ms)
+        rows.append({"config": name, **best, "ratio": best["gelu"] / best["gelu_tanh"]})
+    return rows
+
+
 def long_generation(characters: int = 2000, samples: int = 8, rounds: int = 3) -> dict:
     """Characters per second sampling `characters` from an untrained nano model (context 64): recomputing
     the window past the context (the exact path, as before), rolling the KV cache, and `samples` at once."""
@@ -487,6 +525,20 @@ def markdown(report: dict) -> str:
         f"Both paths use the same optimizer (fused AdamW, train.py's default). MFU is against a measured "
         f"float32 matmul peak of {report['throughput'][0]['peak_gflops']:.0f} GFLOP/s.",
     ]  # fmt: skip
+    if report.get("activation"):
+        lines += [
+            "",
+            "### Feed-forward activation: ms per training step (forward, backward, fused AdamW; interleaved, best "
+            f"of {report['rounds']})",
+            "",
+            *_table(
+                ("config", "gelu_tanh (GPT-2's tanh form, before)", "gelu (exact, now)", "ratio"),
+                [
+                    (r["config"], f"{r['gelu_tanh']:.2f}", f"{r['gelu']:.2f}", f"{r['ratio']:.3f}")
+                    for r in report["activation"]
+                ],
+            ),
+        ]
     if report.get("reference"):
         ref = report["reference"]
         lines += [
@@ -574,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whole-steps", type=int, default=2000, help="steps of the whole-process reference runs")
     parser.add_argument("--reference-steps", type=int, default=300, help="steps of the in-process equality check")
     parser.add_argument("--reference-rounds", type=int, default=1, help="runs per path of the equality check (0 skips)")
+    parser.add_argument("--activation-steps", type=int, default=30, help="steps per activation measurement (0 skips)")
     parser.add_argument("--gen-tokens", type=int, default=255, help="characters generated per KV-cache measurement")
     parser.add_argument("--long-gen", type=int, default=2000, help="characters of the long-generation measurement")
     parser.add_argument("--skip-scoring", action="store_true", help="skip the scoring-throughput measurement")
@@ -594,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.whole_rounds:
             report["whole"] = whole_process_runs(args.data, work, args.whole_rounds, args.whole_steps)
         report["throughput"] = throughput_rows(args.data, work, args.presets.split(","), args.steps, args.rounds)
+        if args.activation_steps:
+            presets = args.presets.split(",")
+            report["activation"] = activation_step_times(args.data, work, presets, args.activation_steps, args.rounds)
         if args.reference_rounds:
             report["reference"] = reference_quality(args.data, work, args.reference_steps, args.reference_rounds)
         if not args.skip_scoring:

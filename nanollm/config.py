@@ -20,7 +20,9 @@ MODEL_KEYS = (
     "context_length",
     "dropout",
     "position_encoding",
+    "activation",
 )
+OPTIONAL_MODEL_KEYS = ("position_encoding", "activation")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -46,7 +48,12 @@ def _positive_number(cfg: DictConfig, key: str) -> float:
 
 def model_config_from(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     """The model architecture named by `cfg.model` (validated by ModelConfig)."""
-    return ModelConfig(vocab_size=vocab_size, **{key: _get(cfg, f"model.{key}") for key in MODEL_KEYS})
+    values = {key: _get(cfg, f"model.{key}") for key in MODEL_KEYS}
+    # A preset written before a choice existed (a user's own) gets the choice's default; sizes have none.
+    for key in OPTIONAL_MODEL_KEYS:
+        if values[key] is None:
+            del values[key]
+    return ModelConfig(vocab_size=vocab_size, **values)
 
 
 def _number(cfg: DictConfig, key: str, low: float, high: float, rule: str, low_ok=True, high_ok=True) -> float:

@@ -88,6 +88,7 @@ TRAIN_CASES = {
     "negative dropout": (["model.dropout=-0.1"], ["model.dropout"]),
     "text as dropout": (["model.dropout=abc"], ["model.dropout", "'abc'"]),
     "unknown position encoding": (["model.position_encoding=alibi"], ["model.position_encoding", "rope, learned"]),
+    "unknown activation": (["model.activation=relu"], ["model.activation", "gelu, gelu_tanh"]),
     "odd head size with rope": (
         ["model.embedding_dim=18", "model.num_heads=2"],
         ["even head size", "model.position_encoding=learned"],

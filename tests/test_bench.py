@@ -8,11 +8,13 @@ def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp
     out = tmp_path / "table.md"
     # The parts that time things (scoring, first step, data) are left out: their figures belong in BENCHMARKS.md.
     args = ["--steps", "12", "--rounds", "1", "--presets", "nano", "--corpus-mb", "0", "--whole-rounds", "0"]
-    args += ["--reference-steps", "8", "--gen-tokens", "16", "--long-gen", "80", "--out", str(out)]
+    args += ["--reference-steps", "8", "--activation-steps", "2", "--gen-tokens", "16", "--long-gen", "80"]
+    args += ["--out", str(out)]
     args += ["--skip-scoring", "--skip-first-step"]
     bench.main(args)  # what `python -m nanollm.bench ...` runs, in this process
     table = out.read_text()
-    for heading in ("Training throughput", "The same training on both paths", "Long generation", "KV cache"):
+    headings = ("Training throughput", "Feed-forward activation", "The same training on both paths", "Long generation")
+    for heading in (*headings, "KV cache"):
         assert heading in table, heading
     # Same model, batches, optimizer and schedule on both paths: the same final validation loss.
     losses = {

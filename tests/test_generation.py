@@ -49,11 +49,14 @@ def test_top_k_1_is_greedy(model_and_tokenizer):
         context.append(token)
 
 
-def test_generation_leaves_training_mode_as_it_was(model_and_tokenizer):
+def test_generation_leaves_training_mode_and_torch_settings_as_they_were(model_and_tokenizer):
+    # One-token steps run on one thread without oneDNN; training and scoring need both back.
     model, tok = model_and_tokenizer
     model.train()
+    threads = torch.get_num_threads()
     generate_text(model, tok, "a", max_length=3, seed=0)
     assert model.training
+    assert torch.get_num_threads() == threads and torch.backends.mkldnn.enabled
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanollm import ModelConfig, NanoLLMError, TransformerLanguageModel
 
@@ -69,11 +70,25 @@ def test_rotary_tables_are_not_saved_and_follow_the_model_dtype():
     assert logits.dtype == torch.float64
 
 
-def test_config_saved_before_rope_loads_as_learned_positions():
+def test_config_saved_before_a_key_existed_loads_with_its_old_meaning():
     saved = dict(vocab_size=11, embedding_dim=16, num_layers=2, num_heads=2, ffn_hidden_dim=32, context_length=16)
     assert ModelConfig.from_saved(saved).position_encoding == "learned"
     assert ModelConfig.from_saved({**saved, "position_encoding": "rope"}).position_encoding == "rope"
     assert ModelConfig(**saved).position_encoding == "rope"
+    assert ModelConfig.from_saved(saved).activation == "gelu_tanh"
+    assert ModelConfig.from_saved({**saved, "activation": "gelu"}).activation == "gelu"
+    assert ModelConfig(**saved).activation == "gelu"
+
+
+def test_activation_picks_the_feed_forward_non_linearity():
+    x = torch.randn(2, 8, 16)
+    outputs = {}
+    for activation, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        torch.manual_seed(0)
+        ffn = tiny_model(activation=activation).blocks[0].ffn
+        outputs[activation] = ffn(x)
+        assert torch.equal(outputs[activation], ffn.proj(F.gelu(ffn.fc(x), approximate=approximate)))
+    assert not torch.equal(outputs["gelu"], outputs["gelu_tanh"])  # the same weights, another function
 
 
 @pytest.mark.parametrize(
@@ -81,6 +96,8 @@ def test_config_saved_before_rope_loads_as_learned_positions():
     [
         (dict(position_encoding="alibi"), "model.position_encoding must be one of rope, learned"),
         (dict(embedding_dim=18, num_heads=6), "needs an even head size"),
+        (dict(activation="relu"), "model.activation must be one of gelu, gelu_tanh"),
+        (dict(activation=["gelu"]), "model.activation must be one of gelu, gelu_tanh"),
     ],
 )
 def test_bad_position_encoding_settings_are_named(overrides, message):
@@ -130,11 +147,13 @@ def through_cache(model: TransformerLanguageModel, idx: torch.Tensor, cache, pre
     return torch.cat([first, *steps], dim=1)
 
 
-@pytest.mark.parametrize("position_encoding", ["rope", "learned"])
-def test_one_token_steps_are_bit_identical_to_the_module_path(position_encoding):
+@pytest.mark.parametrize(
+    "position_encoding, activation", [("rope", "gelu"), ("learned", "gelu"), ("rope", "gelu_tanh")]
+)
+def test_one_token_steps_are_bit_identical_to_the_module_path(position_encoding, activation):
     # decode_one (eval) re-implements the blocks for speed; training mode with no dropout runs the modules.
     torch.manual_seed(0)
-    model = tiny_model(position_encoding=position_encoding)
+    model = tiny_model(position_encoding=position_encoding, activation=activation)
     idx = torch.randint(0, 11, (3, 16))
     logits = [through_cache(model.train(training), idx, model.new_cache(3), prefill=4) for training in (False, True)]
     assert torch.equal(logits[0], logits[1])

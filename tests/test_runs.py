@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanollm.config import claim_unique_dir
 from tests.conftest import ROOT, TINY, needs_extra, read_results, run_cli, train_args
@@ -40,6 +41,7 @@ def test_two_runs_started_together_get_two_directories_and_both_results_survive(
 
 
 def test_a_preset_from_the_users_own_config_directory_trains(tmp_path):
+    # Written before model.activation existed: the key takes its default.
     (tmp_path / "my_conf" / "model").mkdir(parents=True)
     (tmp_path / "my_conf" / "model" / "tiny.yaml").write_text(
         "name: tiny\nembedding_dim: 8\nnum_layers: 1\nnum_heads: 2\nffn_hidden_dim: 16\ncontext_length: 16\n"
@@ -51,6 +53,8 @@ def test_a_preset_from_the_users_own_config_directory_trains(tmp_path):
     assert trained.returncode == 0, trained.stderr
     results = read_results(tmp_path / "run")
     assert results["model"] == "tiny" and results["global_step"] == 6
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["nanollm"]["model"]["activation"] == "gelu"
     # A real typo still gets one line, listing what Hydra finds, the user's directory included.
     typo = run_cli("train.py", ["--config-dir", str(tmp_path / "my_conf"), "model=tinny", *base])
     assert (

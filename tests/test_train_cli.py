@@ -119,14 +119,18 @@ def test_presets_compose_with_the_documented_sizes(preset, dims, parameters):
     assert TransformerLanguageModel(model_config_from(cfg, vocab_size=57)).num_parameters() == parameters
 
 
-def test_a_checkpoint_from_before_rope_generates_and_resumes_with_learned_positions(tmp_path):
-    trained = run_cli("train.py", train_args(tmp_path, "model.position_encoding=learned", "trainer.max_steps=10"))
+def test_a_checkpoint_from_before_rope_and_activation_generates_and_resumes_with_their_old_meaning(tmp_path):
+    trained = run_cli(
+        "train.py",
+        train_args(tmp_path, "model.position_encoding=learned", "model.activation=gelu_tanh", "trainer.max_steps=10"),
+    )
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    # Checkpoints written before RoPE existed have no position_encoding key.
-    del checkpoint["nanollm"]["model"]["position_encoding"]
-    del checkpoint["nanollm"]["config"]["model"]["position_encoding"]
-    del checkpoint["hyper_parameters"]["model_config"]["position_encoding"]
+    # Checkpoints written before RoPE and model.activation existed have neither key.
+    for key in ("position_encoding", "activation"):
+        del checkpoint["nanollm"]["model"][key]
+        del checkpoint["nanollm"]["config"]["model"][key]
+        del checkpoint["hyper_parameters"]["model_config"][key]
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
 
@@ -138,13 +142,14 @@ def test_a_checkpoint_from_before_rope_generates_and_resumes_with_learned_positi
     assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > 40
 
     # The architecture comes from the checkpoint: no model keys need repeating; contradicting one is an error.
-    with_rope = run_cli(
-        "train.py", train_args(tmp_path, f"ckpt_path={old}", "model.position_encoding=rope", run="rope")
-    )
-    assert_user_error(with_rope, "model.position_encoding (checkpoint 'learned', config 'rope')")
+    for key, saved, wanted in (("position_encoding", "learned", "rope"), ("activation", "gelu_tanh", "gelu")):
+        contradicted = run_cli("train.py", train_args(tmp_path, f"ckpt_path={old}", f"model.{key}={wanted}", run=key))
+        assert_user_error(contradicted, f"model.{key} (checkpoint '{saved}', config '{wanted}')")
     resumed = run_cli("train.py", train_args(tmp_path, f"ckpt_path={old}", run="ok"))
     assert resumed.returncode == 0, resumed.stderr
     assert read_results(tmp_path / "ok")["global_step"] == 20
+    saved_model = torch.load(tmp_path / "ok" / "checkpoints" / "last.ckpt", weights_only=True)["nanollm"]["model"]
+    assert (saved_model["position_encoding"], saved_model["activation"]) == ("learned", "gelu_tanh")
 
 
 def test_debug_fast_runs_every_stage_in_a_few_steps(tmp_path):
