@@ -156,9 +156,9 @@ def rotary_turn(offset: int, head_dim: int, base: float = 10000.0) -> torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Turn each pair of dimensions (2i, 2i+1) of `x` (..., T, D) by its angle: one complex multiply.
+    """Turn each pair of dimensions (2i, 2i+1) of `x` (..., D) by its angle: one complex multiply.
 
-    `rotation` is complex and broadcasts against the (..., T, D / 2) pairs. One kernel forward and one
+    `rotation` is complex and broadcasts against the (..., D / 2) pairs. One kernel forward and one
     backward: with the real-valued rotate-half form (five kernels) a nano training step took 19%
     longer than with learned positions, with this one 4%.
     """
@@ -204,11 +204,14 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        # (B, T, 3C) -> (3, B, H, T, D), in as few operations as possible (decoding is per-op bound).
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads)
         if rotary is not None:
-            # q, k and v in one multiply; v's angles are 0 (slicing q and k out costs more in backward)
+            # q, k and v in one multiply; v's angles are 0 (slicing q and k out costs more in backward).
+            # Before the permute, the rotations of a batch row lie in memory as the pairs do: one long
+            # vectorised loop instead of one per head (measured 1.6-2x faster, forward and backward).
             qkv = apply_rotary(qkv, rotary)
+        # (B, T, 3, H, D) -> (3, B, H, T, D) in one view (decoding is per-op bound).
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if cache is not None:
             k, v = cache.store(layer, qkv[1:])
@@ -267,8 +270,9 @@ class TransformerLanguageModel(nn.Module):
         else:  # a buffer, so it follows .to(device); not saved, since it is recomputed from the config
             table = rotary_table(config.context_length, config.embedding_dim // config.num_heads)
             unturned = torch.tensor([1.0, 0.0]).expand_as(table)  # cos 0, sin 0: values keep their place
-            # (3, 1, 1, T, D/2, 2): broadcasts over the (3, B, H, T, D/2) pairs of q, k, v.
-            table = torch.stack((table, table, unturned))[:, None, None]
+            # (T, 3, H, D/2, 2): laid out as the (B, T, 3, H, D/2) pairs of q, k and v that it turns.
+            table = torch.stack((table, table, unturned), dim=1)[:, :, None]
+            table = table.expand(-1, -1, config.num_heads, -1, -1).contiguous()
             self.register_buffer("rotary_table", table, persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.embedding_dim)
@@ -348,12 +352,13 @@ class TransformerLanguageModel(nn.Module):
         for layer, w in enumerate(layers):
             qkv = torch.addmm(w.qkv_b, torch.layer_norm(x, shape, *w.norm1), w.qkv_w)
             if rotary is not None and qkv.dtype == torch.float32:  # apply_rotary without its dtype round trip
-                pairs = torch.view_as_complex(qkv.view(B, 1, 3, H, C // H // 2, 2)).permute(2, 0, 3, 1, 4)
-                qkv = torch.view_as_real(pairs * rotary).flatten(-2)  # (3, B, H, 1, D)
+                pairs = torch.view_as_complex(qkv.view(B, 1, 3, H, C // H // 2, 2))
+                qkv = torch.view_as_real(pairs * rotary).flatten(-2)  # (B, 1, 3, H, D)
             else:
-                qkv = qkv.view(B, 1, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, D)
+                qkv = qkv.view(B, 1, 3, H, C // H)
                 if rotary is not None:
                     qkv = apply_rotary(qkv, rotary)
+            qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, 1, D)
             keys, values = cache.store(layer, qkv[1:])
             y = F.scaled_dot_product_attention(qkv[0], keys, values)  # (B, H, 1, D)
             x = x + torch.addmm(w.proj_b, y.reshape(B, C), w.proj_w)
@@ -375,19 +380,19 @@ class TransformerLanguageModel(nn.Module):
         return self.token_embedding.weight, positions, layers, norm(self.final_norm), self.lm_head.weight.t()
 
     def rotation(self, start: int, T: int, cache: KVCache | None) -> torch.Tensor:
-        """(3, 1, 1, T, D/2) complex: how positions start .. start + T - 1 turn q and k (v is not turned)."""
+        """(T, 3, H, D/2) complex: how positions start .. start + T - 1 turn q and k (v is not turned)."""
         context = self.config.context_length
         if cache is None:
-            return torch.view_as_complex(self.rotary_table[:, :, :, start : start + T].float())
+            return torch.view_as_complex(self.rotary_table[start : start + T].float())
         if T == 1:  # a generation step
             block, offset = divmod(start, context)
-            return self.rotation_block(block, cache)[:, :, :, offset : offset + 1]
+            return self.rotation_block(block, cache)[offset : offset + 1]
         pieces = []
         for block in range(start // context, (start + T - 1) // context + 1):
             first = block * context
             table = self.rotation_block(block, cache)
-            pieces.append(table[:, :, :, max(start - first, 0) : min(start + T - first, context)])
-        return torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]
+            pieces.append(table[max(start - first, 0) : min(start + T - first, context)])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def rotation_block(self, block: int, cache: KVCache) -> torch.Tensor:
         """Rotations of positions block * context .. (block + 1) * context - 1, kept on the cache while used.
@@ -402,7 +407,7 @@ class TransformerLanguageModel(nn.Module):
                     block * self.config.context_length, self.config.embedding_dim // self.config.num_heads
                 )
                 turn = torch.stack((turn, turn, torch.ones_like(turn))).to(table.device)
-                table = table * turn[:, None, None, None]
+                table = table * turn[:, None]  # (3, 1, D/2) against (T, 3, H, D/2)
             cache.rotation_block = (block, table)
         return cache.rotation_block[1]
 

@@ -213,7 +213,7 @@ def test_rotation_past_the_table_turns_by_the_absolute_position():
     cache = model.new_cache(rolling=True)
     head_dim = 16 // 2
     for position in (0, 5, 16, 23, 1000, 123456):
-        rotation = model.rotation(position, 1, cache)[:, 0, 0, 0]  # (3, D/2)
+        rotation = model.rotation(position, 1, cache)[0, :, 0]  # (3, D/2)
         expected = rotary_turn(position, head_dim)
         assert torch.allclose(rotation[0], expected, atol=1e-5) and torch.allclose(rotation[1], expected, atol=1e-5)
         assert torch.equal(rotation[2], torch.ones_like(expected))  # values are not turned
