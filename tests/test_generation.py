@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from nanollm import CharTokenizer, ModelConfig, NanoLLMError, TransformerLanguageModel, generate_text
 from nanollm.generation import (
     generate_batch,
+    generate_steps,
     generate_tokens,
     make_generator,
     rolling_log_likelihood,
@@ -57,6 +58,22 @@ def test_generation_leaves_training_mode_and_torch_settings_as_they_were(model_a
     generate_text(model, tok, "a", max_length=3, seed=0)
     assert model.training
     assert torch.get_num_threads() == threads and torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize("layers, threads_while_decoding", [(1, 1), (8, 2)])
+def test_only_a_small_models_one_token_steps_run_on_one_thread(layers, threads_while_decoding):
+    # 8 layers of width 64 and feed-forward 256: ~400K parameters, above SINGLE_THREAD_DECODING_BELOW.
+    model = tiny_model(embedding_dim=64, num_layers=layers, ffn_hidden_dim=256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        steps = generate_steps(model, [0], 1, 4)
+        next(steps), next(steps)  # the prefill, then the first one-token step
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (threads_while_decoding, False)
+        list(steps)
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
