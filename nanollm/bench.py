@@ -7,7 +7,8 @@ Everything is measured side by side in one invocation, interleaved, so machine n
 - training tokens/s and ms/step of the Lightning path (`nanollm.training.run`, as train.py runs it)
   against the bare loop with the same model, batches, optimizer, schedule and clipping, and that both
   reach the same validation loss; model FLOPs utilisation against a measured matmul peak;
-- characters scored per second by the validation pass and eval.py (medium preset);
+- characters scored per second by the validation pass and eval.py (medium preset), with glibc's malloc
+  defaults and with freed memory kept;
 - generation characters/s: long texts past the context, and with and without the KV cache;
 - corpus preparation MB/s and peak memory, a repeated start on a large corpus, and the time from
   `python train.py` to the first optimizer step.
@@ -212,7 +213,24 @@ def whole_process_runs(data: Path, work: Path, rounds: int, steps: int = 2000) -
 def evaluation_speed(data: Path, rounds: int = 3) -> dict:
     """Characters scored per second for the medium preset on 200,000 characters of `data`: the validation
     pass as it was (batch 32), the validation pass now (batches of about VAL_BATCH_TOKENS tokens), and
-    eval.py's sliding windows."""
+    eval.py's sliding windows. Each round runs in two fresh processes, one with glibc's malloc defaults
+    and one with freed memory kept (allocator.py), as train.py and eval.py run: a process's earlier
+    allocations would change the first."""
+    import multiprocessing
+
+    best: dict[str, dict[str, float]] = {"glibc defaults": {}, "freed memory kept": {}}
+    # A new process per task: the malloc setting cannot be undone within one.
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for _ in range(rounds):  # interleaved, so a change in the machine's speed hits every path alike
+            for setting, keep in (("glibc defaults", False), ("freed memory kept", True)):
+                for name, speed in pool.apply(scoring_round, (data, keep)).items():
+                    best[setting][name] = max(best[setting].get(name, 0.0), speed)
+    return best
+
+
+def scoring_round(data: Path, keep_memory: bool) -> dict[str, float]:
+    """One round of evaluation_speed's paths in this process: characters per second for each."""
+    from nanollm.allocator import keep_freed_memory
     from nanollm.api import compose_config
     from nanollm.config import model_config_from
     from nanollm.evaluation import score_tokens
@@ -220,6 +238,8 @@ def evaluation_speed(data: Path, rounds: int = 3) -> dict:
     from nanollm.tokenizer import CharTokenizer
     from nanollm.windows import SequentialWindows
 
+    if keep_memory and not keep_freed_memory():
+        raise RuntimeError("freed memory cannot be kept here (glibc only, no MALLOC_* variables)")
     text = data.read_text(encoding="utf-8")[:200_000]
     tokenizer = CharTokenizer.from_text(text)
     ids = tokenizer.encode_array(text)
@@ -247,13 +267,12 @@ def evaluation_speed(data: Path, rounds: int = 3) -> dict:
         f"eval.py (stride {context // 2}: every character scored with >= {context // 2} before it)": evaluation,
         "eval.py, bf16 autocast (eval.precision=bf16)": lambda: evaluation(True),
     }
-    best = dict.fromkeys(paths, 0.0)
-    for _ in range(rounds):  # interleaved, so a change in the machine's speed hits every path alike
-        for name, path in paths.items():
-            started = time.perf_counter()
-            characters = path()
-            best[name] = max(best[name], characters / (time.perf_counter() - started))
-    return best
+    speeds = {}
+    for name, path in paths.items():
+        started = time.perf_counter()
+        characters = path()
+        speeds[name] = characters / (time.perf_counter() - started)
+    return speeds
 
 
 def activation_step_times(data: Path, work: Path, presets: list[str], steps: int = 30, rounds: int = 3) -> list[dict]:
@@ -479,6 +498,23 @@ def whole_process_summary(whole: dict) -> dict:
     return {"median": median, "ratios": ratios, "median_ratio": {n: statistics.median(r) for n, r in ratios.items()}}
 
 
+def scoring_table(evaluation: dict[str, dict[str, float]]) -> list[str]:
+    """evaluation_speed's figures: one row per path, one column per malloc setting, and their ratio."""
+    default, kept = evaluation["glibc defaults"], evaluation["freed memory kept"]
+    return [
+        "",
+        "### Scoring text: medium preset, 200,000 characters (best of interleaved rounds, each in a fresh process)",
+        "",
+        *_table(
+            ("path", "characters/s, glibc's malloc defaults", "characters/s, freed memory kept", "kept / defaults"),
+            [
+                (name, f"{default[name]:,.0f}", f"{kept[name]:,.0f}", f"{kept[name] / default[name]:.2f}")
+                for name in kept
+            ],
+        ),
+    ]
+
+
 def markdown(report: dict) -> str:
     lines = [f"Measured {report['date']} on {report['machine']} with `{report['command']}`."]
     if report.get("whole"):
@@ -559,12 +595,7 @@ def markdown(report: dict) -> str:
             ),
         ]
     if report.get("evaluation"):
-        lines += [
-            "",
-            "### Scoring text: medium preset, 200,000 characters (best of interleaved rounds)",
-            "",
-            *_table(("path", "characters/s"), [(name, f"{rate:,.0f}") for name, rate in report["evaluation"].items()]),
-        ]
+        lines += scoring_table(report["evaluation"])
     if report.get("long_generation"):
         lines += [
             "",

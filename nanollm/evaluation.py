@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanollm.allocator import keep_freed_memory
 from nanollm.checkpointing import BEST_NAME, LAST_NAME, model_from_checkpoint, read_checkpoint, resolve_checkpoint
 from nanollm.corpus import DEFAULT_GLOB, iter_text, list_text_files
 from nanollm.errors import NanoLLMError
@@ -230,6 +231,7 @@ def evaluate(
     Returns the results and whether `ckpt_path` named a collection (then the JSON report is a list).
     """
     check_settings(unknown, batch_size, method, precision)
+    keep_freed_memory()  # each batch's tensors reuse the previous batch's memory (allocator.py)
     loaded, several = checkpoint_files(ckpt_path, outputs_dir)
     text = read_text(data_path, glob)
     jobs, encoded = [], {}

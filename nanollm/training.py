@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from nanollm.allocator import keep_freed_memory
 from nanollm.callbacks import GracefulInterrupt, StepCheckpoint, TrainingProgressBar
 from nanollm.checkpointing import SafeCheckpointIO, atomic_copy
 from nanollm.config import model_config_from, validate_config
@@ -68,6 +69,7 @@ def run(
     exactly the files the runbook lists.
     """
     validate_config(cfg)
+    keep_freed_memory()  # tensor memory freed at one step is reused at the next (allocator.py)
     start = start_run(cfg, explicit or set())
     cfg = start.config
     validate_config(cfg)

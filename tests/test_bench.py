@@ -1,7 +1,7 @@
 """The benchmark harness (tiny settings here; the real measurements live in BENCHMARKS.md)."""
 
 from nanollm import bench
-from nanollm.bench import markdown, whole_process_summary
+from nanollm.bench import markdown, scoring_table, whole_process_summary
 
 
 def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp_path):
@@ -51,3 +51,12 @@ def test_whole_process_ratios_are_per_round_and_their_median():
     assert "| train.py, the same recipe with its defaults | 92.5 | 101.0, 84.0 | 1.030 (1.010, 1.050) |" in markdown(
         report
     )
+
+
+def test_scoring_table_sets_each_path_with_kept_memory_against_glibcs_defaults():
+    evaluation = {
+        "glibc defaults": {"validation pass": 60_000.0, "eval.py": 40_000.0},
+        "freed memory kept": {"validation pass": 90_000.0, "eval.py": 38_000.0},
+    }
+    rows = [line for line in scoring_table(evaluation) if line.startswith("| validation") or line.startswith("| eval")]
+    assert rows == ["| validation pass | 60,000 | 90,000 | 1.50 |", "| eval.py | 40,000 | 38,000 | 0.95 |"]
