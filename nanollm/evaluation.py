@@ -248,7 +248,7 @@ def evaluate(
     del loaded, checkpoint  # the checkpoints' optimizer states are no longer needed
     results = []
     for path, model, job_stride, (ids, skipped) in jobs:
-        # bf16 autocast: ~1.5x faster on a CPU with AVX512-BF16 (BENCHMARKS.md); the loss stays float32.
+        # bf16 autocast: ~1.6x faster on a CPU with AVX512-BF16 (BENCHMARKS.md); the loss stays float32.
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
             if method == "rolling":
                 nll_sum, count = rolling_log_likelihood(model.to(device), ids)
