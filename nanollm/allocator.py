@@ -32,7 +32,7 @@ _kept = False
 
 def uses_glibc() -> bool:
     try:
-        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        return sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (ValueError, OSError):  # no such name: not glibc
         return False
 
