@@ -1,15 +1,19 @@
-"""Lightning callbacks: graceful Ctrl-C, gradient-health warnings and text samples in TensorBoard."""
+"""Lightning callbacks: graceful Ctrl-C, gradient-health warnings and text samples in TensorBoard; and
+the checkpoint IO plugin that writes atomically and loads safely."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from nanollm.checkpointing import LAST_NAME
+from nanollm.checkpointing import LAST_NAME, atomic_torch_save, read_checkpoint
 from nanollm.generation import generate_text, usable_prompt
 from nanollm.loggers import log_text_sample
 
@@ -62,6 +66,22 @@ class GracefulInterrupt(L.Callback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes atomically and only ever loads with `weights_only=True`."""
+
+    seconds_writing = 0.0  # total time spent in saves, so throughput figures can leave it out
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        started = time.perf_counter()
+        try:
+            atomic_torch_save(checkpoint, Path(path))
+        finally:
+            self.seconds_writing += time.perf_counter() - started
+
+    def load_checkpoint(self, path, map_location: Any | None = "cpu", weights_only: bool | None = None) -> dict:
+        return read_checkpoint(Path(path), map_location=map_location)
 
 
 def _in_main_thread() -> bool:

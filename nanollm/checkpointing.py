@@ -2,19 +2,19 @@
 
 Checkpoints are Lightning checkpoints with one extra entry, `nanollm`, holding the model's
 architecture, the tokenizer's vocabulary and the resolved run config as plain types, so
-`generate.py` needs nothing but the file.
+`generate.py` needs nothing but the file. This module imports no Lightning (importing it takes ~2 s):
+generate.py and eval.py read checkpoints without it; Lightning writes them through
+callbacks.SafeCheckpointIO.
 """
 
 from __future__ import annotations
 
 import pickle
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nanollm.errors import NanoLLMError
 from nanollm.files import atomic_copy, atomic_write
@@ -30,22 +30,6 @@ BEST_NAME = "best.ckpt"
 
 class DamagedCheckpointError(NanoLLMError):
     """The file exists but cannot be read as a checkpoint (truncated, corrupted)."""
-
-
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes atomically and only ever loads with `weights_only=True`."""
-
-    seconds_writing = 0.0  # total time spent in saves, so throughput figures can leave it out
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        started = time.perf_counter()
-        try:
-            atomic_torch_save(checkpoint, Path(path))
-        finally:
-            self.seconds_writing += time.perf_counter() - started
-
-    def load_checkpoint(self, path, map_location: Any | None = "cpu", weights_only: bool | None = None) -> dict:
-        return read_checkpoint(Path(path), map_location=map_location)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from nanollm.allocator import keep_freed_memory
-from nanollm.callbacks import GracefulInterrupt, StepCheckpoint, TrainingProgressBar
-from nanollm.checkpointing import SafeCheckpointIO, atomic_copy
+from nanollm.callbacks import GracefulInterrupt, SafeCheckpointIO, StepCheckpoint, TrainingProgressBar
+from nanollm.checkpointing import atomic_copy
 from nanollm.config import model_config_from, validate_config
 from nanollm.corpus import DEFAULT_GLOB, EncodedCorpus
 from nanollm.data import CharDataModule
