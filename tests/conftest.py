@@ -87,6 +87,7 @@ def run_cli(script: str, args: list[str], cwd: Path = ROOT) -> subprocess.Comple
     (signals, DDP, kill -9) uses `run_script`.
     """
     import contextlib
+    import gc
     import io
     import runpy
     import traceback
@@ -110,6 +111,7 @@ def run_cli(script: str, args: list[str], cwd: Path = ROOT) -> subprocess.Comple
                 traceback.print_exc()
                 code = 1
     finally:
+        gc.unfreeze()  # the entry point froze this process's objects for a quick exit; the test process goes on
         sys.argv = saved_argv
         os.chdir(saved_cwd)
         nanollm.cli._job_started = nanollm.cli._run_logged = False
