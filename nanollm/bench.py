@@ -210,22 +210,23 @@ def whole_process_runs(data: Path, work: Path, rounds: int, steps: int = 2000) -
     return {"steps": steps, "rounds": rounds, "runs": runs}
 
 
-def evaluation_speed(data: Path, rounds: int = 3) -> dict:
+def evaluation_speed(data: Path, rounds: int = 5) -> dict:
     """Characters scored per second for the medium preset on 200,000 characters of `data`: the validation
     pass as it was (batch 32), the validation pass now (batches of about VAL_BATCH_TOKENS tokens), and
     eval.py's sliding windows. Each round runs in two fresh processes, one with glibc's malloc defaults
     and one with freed memory kept (allocator.py), as train.py and eval.py run: a process's earlier
-    allocations would change the first."""
+    allocations would change the first. Every round is kept: with glibc's defaults the speed varies
+    from one process to the next, so the table reports medians, not the best round."""
     import multiprocessing
 
-    best: dict[str, dict[str, float]] = {"glibc defaults": {}, "freed memory kept": {}}
+    every: dict[str, dict[str, list[float]]] = {"glibc defaults": {}, "freed memory kept": {}}
     # A new process per task: the malloc setting cannot be undone within one.
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for _ in range(rounds):  # interleaved, so a change in the machine's speed hits every path alike
             for setting, keep in (("glibc defaults", False), ("freed memory kept", True)):
                 for name, speed in pool.apply(scoring_round, (data, keep)).items():
-                    best[setting][name] = max(best[setting].get(name, 0.0), speed)
-    return best
+                    every[setting].setdefault(name, []).append(speed)
+    return every
 
 
 def scoring_round(data: Path, keep_memory: bool) -> dict[str, float]:
@@ -498,17 +499,32 @@ def whole_process_summary(whole: dict) -> dict:
     return {"median": median, "ratios": ratios, "median_ratio": {n: statistics.median(r) for n, r in ratios.items()}}
 
 
-def scoring_table(evaluation: dict[str, dict[str, float]]) -> list[str]:
-    """evaluation_speed's figures: one row per path, one column per malloc setting, and their ratio."""
+def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
+    """evaluation_speed's figures: one row per path, the median and every round per malloc setting, and
+    the ratio of the medians."""
     default, kept = evaluation["glibc defaults"], evaluation["freed memory kept"]
+
+    def cell(speeds: list[float]) -> str:
+        return f"{statistics.median(speeds):,.0f} ({', '.join(f'{s:,.0f}' for s in speeds)})"
+
     return [
         "",
-        "### Scoring text: medium preset, 200,000 characters (best of interleaved rounds, each in a fresh process)",
+        "### Scoring text: medium preset, 200,000 characters (interleaved rounds, each in a fresh process)",
         "",
         *_table(
-            ("path", "characters/s, glibc's malloc defaults", "characters/s, freed memory kept", "kept / defaults"),
+            (
+                "path",
+                "characters/s, glibc's malloc defaults: median (each round)",
+                "characters/s, freed memory kept: median (each round)",
+                "kept / defaults (medians)",
+            ),
             [
-                (name, f"{default[name]:,.0f}", f"{kept[name]:,.0f}", f"{kept[name] / default[name]:.2f}")
+                (
+                    name,
+                    cell(default[name]),
+                    cell(kept[name]),
+                    f"{statistics.median(kept[name]) / statistics.median(default[name]):.2f}",
+                )
                 for name in kept
             ],
         ),
@@ -660,6 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation-steps", type=int, default=30, help="steps per activation measurement (0 skips)")
     parser.add_argument("--gen-tokens", type=int, default=255, help="characters generated per KV-cache measurement")
     parser.add_argument("--long-gen", type=int, default=2000, help="characters of the long-generation measurement")
+    parser.add_argument("--scoring-rounds", type=int, default=5, help="rounds of the scoring measurement (medians)")
     parser.add_argument("--skip-scoring", action="store_true", help="skip the scoring-throughput measurement")
     parser.add_argument("--skip-first-step", action="store_true", help="skip the time-to-first-step measurement")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
@@ -684,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.reference_rounds:
             report["reference"] = reference_quality(args.data, work, args.reference_steps, args.reference_rounds)
         if not args.skip_scoring:
-            report["evaluation"] = evaluation_speed(args.data, rounds=args.rounds)
+            report["evaluation"] = evaluation_speed(args.data, rounds=args.scoring_rounds)
         report["long_generation"] = long_generation(args.long_gen, rounds=max(args.rounds, 2))
         report["long_generation_characters"] = args.long_gen
         report["generation"] = generation_speed(new_tokens=args.gen_tokens, rounds=max(args.rounds, 2))

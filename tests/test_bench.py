@@ -55,8 +55,11 @@ def test_whole_process_ratios_are_per_round_and_their_median():
 
 def test_scoring_table_sets_each_path_with_kept_memory_against_glibcs_defaults():
     evaluation = {
-        "glibc defaults": {"validation pass": 60_000.0, "eval.py": 40_000.0},
-        "freed memory kept": {"validation pass": 90_000.0, "eval.py": 38_000.0},
+        "glibc defaults": {"validation pass": [60_000.0, 90_000.0, 50_000.0], "eval.py": [40_000.0]},
+        "freed memory kept": {"validation pass": [90_000.0, 91_000.0, 89_000.0], "eval.py": [38_000.0]},
     }
     rows = [line for line in scoring_table(evaluation) if line.startswith("| validation") or line.startswith("| eval")]
-    assert rows == ["| validation pass | 60,000 | 90,000 | 1.50 |", "| eval.py | 40,000 | 38,000 | 0.95 |"]
+    assert rows == [
+        "| validation pass | 60,000 (60,000, 90,000, 50,000) | 90,000 (90,000, 91,000, 89,000) | 1.50 |",
+        "| eval.py | 40,000 (40,000) | 38,000 (38,000) | 0.95 |",
+    ]
