@@ -38,6 +38,15 @@ def test_two_runs_started_together_get_two_directories_and_both_results_survive(
             "last.ckpt",
         ]
         assert len(list((run / "tensorboard").iterdir())) == 1
+        # What a run writes after training, just before its process exits (cli.skip_shutdown_collections
+        # spares the exit its garbage collections): the final metrics with the hyperparameters, the log's end.
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (events_dir,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+        events = EventAccumulator(str(events_dir), size_guidance={"tensors": 0}).Reload()
+        assert "hparams/final_val_loss" in events.Tags()["scalars"]
+        assert "_hparams_/session_end_info" in events.PluginTagToContent("hparams")
+        assert "sample:" in (run / "train.log").read_text()
 
 
 def test_a_preset_from_the_users_own_config_directory_trains(tmp_path):
