@@ -331,13 +331,13 @@ def long_generation(characters: int = 2000, samples: int = 8, rounds: int = 3) -
             * len(generate_batch(model, [0], samples, characters, 1.0, 40, make_generator(0), True, "rolling")[0])
         ),
     }
-    best = dict.fromkeys(paths, 0.0)
-    for _ in range(rounds):
+    every: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):  # interleaved, so a change in the machine's speed hits every path alike
         for name, path in paths.items():
             started = time.perf_counter()
             count = path()
-            best[name] = max(best[name], count / (time.perf_counter() - started))
-    return best
+            every[name].append(count / (time.perf_counter() - started))
+    return every
 
 
 def generation_speed(preset: str = "medium", context: int = 256, new_tokens: int = 255, rounds: int = 3) -> dict:
@@ -347,16 +347,14 @@ def generation_speed(preset: str = "medium", context: int = 256, new_tokens: int
     sizes = {"medium": (128, 6, 4, 256)}[preset]
     config = ModelConfig(65, *sizes, context_length=context)
     model = TransformerLanguageModel(config).eval()
-    best = {False: float("inf"), True: float("inf")}
+    rates: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(rounds):  # interleaved, like the training measurements, so load changes hit both paths
         for use_cache in (False, True):
             start = time.perf_counter()
             tokens = list(generate_tokens(model, [0], new_tokens, 1.0, None, make_generator(0), use_cache))
-            best[use_cache] = min(best[use_cache], time.perf_counter() - start)
-    result = {"cache": len(tokens) / best[True], "no_cache": len(tokens) / best[False]}
-    result["speedup"] = result["cache"] / result["no_cache"]
-    result["tokens"] = new_tokens
-    return result
+            rates[use_cache].append(len(tokens) / (time.perf_counter() - start))
+    speedups = [cache / none for cache, none in zip(rates[True], rates[False], strict=True)]
+    return {"cache": rates[True], "no_cache": rates[False], "speedup": speedups, "tokens": new_tokens}
 
 
 def make_corpus(path: Path, megabytes: int) -> None:
@@ -499,14 +497,17 @@ def whole_process_summary(whole: dict) -> dict:
     return {"median": median, "ratios": ratios, "median_ratio": {n: statistics.median(r) for n, r in ratios.items()}}
 
 
+def median_and_rounds(values: list[float], style: str = ",.0f", suffix: str = "") -> str:
+    """A table cell: the median, then every round in order (a machine's speed drifts; the best round hides it)."""
+    every = ", ".join(f"{v:{style}}{suffix}" for v in values)
+    return f"{statistics.median(values):{style}}{suffix} ({every})"
+
+
 def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
     """evaluation_speed's figures: one row per path, the median and every round per malloc setting, and
     the ratio of the medians."""
     default, kept = evaluation["glibc defaults"], evaluation["freed memory kept"]
-
-    def cell(speeds: list[float]) -> str:
-        return f"{statistics.median(speeds):,.0f} ({', '.join(f'{s:,.0f}' for s in speeds)})"
-
+    cell = median_and_rounds
     return [
         "",
         "### Scoring text: medium preset, 200,000 characters (interleaved rounds, each in a fresh process)",
@@ -528,6 +529,19 @@ def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
                 for name in kept
             ],
         ),
+    ]
+
+
+def long_generation_rows(every: dict[str, list[float]]) -> list[tuple[str, str, str]]:
+    """long_generation's paths: characters/s, and each round's ratio to that round's recompute path."""
+    recompute = next(iter(every.values()))
+    return [
+        (
+            name,
+            median_and_rounds(rates),
+            median_and_rounds([r / b for r, b in zip(rates, recompute, strict=True)], ".1f", "x"),
+        )
+        for name, rates in every.items()
     ]
 
 
@@ -616,10 +630,11 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             f"### Long generation: {report['long_generation_characters']:,} characters from nano (context 64), "
-            "generate.py's sampling settings (best of interleaved rounds)",
+            "generate.py's sampling settings (interleaved rounds)",
             "",
             *_table(
-                ("path", "characters/s"), [(name, f"{rate:,.0f}") for name, rate in report["long_generation"].items()]
+                ("path", "characters/s: median (each round)", "against recompute: median (each round)"),
+                long_generation_rows(report["long_generation"]),
             ),
         ]
     gen = report["generation"]
@@ -628,11 +643,11 @@ def markdown(report: dict) -> str:
         f"### KV cache (medium preset at a 256-character context, {gen['tokens']} new characters from a 1-character prompt)",
         "",
         *_table(
-            ("path", "characters/s"),
+            ("path", "characters/s: median (each round)"),
             [
-                ("KV cache", f"{gen['cache']:,.0f}"),
-                ("no cache", f"{gen['no_cache']:,.0f}"),
-                ("speed-up", f"{gen['speedup']:.1f}x"),
+                ("KV cache", median_and_rounds(gen["cache"])),
+                ("no cache", median_and_rounds(gen["no_cache"])),
+                ("speed-up", median_and_rounds(gen["speedup"], ".1f", "x")),
             ],
         ),
     ]

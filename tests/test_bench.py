@@ -1,7 +1,7 @@
 """The benchmark harness (tiny settings here; the real measurements live in BENCHMARKS.md)."""
 
 from nanollm import bench
-from nanollm.bench import markdown, scoring_table, whole_process_summary
+from nanollm.bench import long_generation_rows, markdown, scoring_table, whole_process_summary
 
 
 def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp_path):
@@ -45,12 +45,20 @@ def test_whole_process_ratios_are_per_round_and_their_median():
              "bare_tokens_per_s": 1.0, "lightning_ms_per_step": 1.0, "bare_ms_per_step": 1.0, "ratio": 1.0,
              "mfu": 0.1, "peak_gflops": 1.0}
         ],
-        "generation": {"cache": 2.0, "no_cache": 1.0, "speedup": 2.0, "tokens": 1},
+        "generation": {"cache": [2.0], "no_cache": [1.0], "speedup": [2.0], "tokens": 1},
         "first_step_seconds": 1.0,
     }  # fmt: skip
-    assert "| train.py, the same recipe with its defaults | 92.5 | 101.0, 84.0 | 1.030 (1.010, 1.050) |" in markdown(
-        report
-    )
+    table = markdown(report)
+    assert "| train.py, the same recipe with its defaults | 92.5 | 101.0, 84.0 | 1.030 (1.010, 1.050) |" in table
+    assert "| speed-up | 2.0x (2.0x) |" in table
+
+
+def test_long_generation_rows_give_medians_and_each_rounds_ratio_to_recompute():
+    every = {"recompute": [100.0, 80.0, 120.0], "rolling KV cache": [300.0, 320.0, 240.0]}
+    assert long_generation_rows(every) == [
+        ("recompute", "100 (100, 80, 120)", "1.0x (1.0x, 1.0x, 1.0x)"),
+        ("rolling KV cache", "300 (300, 320, 240)", "3.0x (3.0x, 4.0x, 2.0x)"),
+    ]
 
 
 def test_scoring_table_sets_each_path_with_kept_memory_against_glibcs_defaults():
