@@ -78,6 +78,14 @@ def run_script(
     )
 
 
+def run_python(code: str, *args: str) -> str:
+    """Run a short Python program in a fresh process (from the repo root) and return its standard output;
+    for what only a new process shows: imports, page faults, a malloc setting."""
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def run_cli(script: str, args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run train.py / generate.py / eval.py in this process, exactly as `python <script> <args>` does (its
     `__main__` block: Hydra, the config checks, the one-line errors), without the ~4 s a new Python

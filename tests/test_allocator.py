@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 import nanollm.allocator as allocator
 import nanollm.evaluation
 import nanollm.training
-from tests.conftest import ROOT, run_cli, train_args
+from tests.conftest import run_cli, run_python, train_args
 
 # Page faults per forward pass of a small model on 4,096 tokens (tensors of 1-2 MB), with glibc's
 # defaults and then with freed memory kept: on this machine about 1,300-1,600 against 0-50.
@@ -40,10 +39,7 @@ print(default, faults_per_forward())
 
 @pytest.mark.skipif(not allocator.uses_glibc(), reason="the setting exists in glibc only")
 def test_kept_memory_spares_each_batch_its_page_faults():
-    result = subprocess.run(
-        [sys.executable, "-c", PAGE_FAULTS], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
-    )
-    default, kept = map(float, result.stdout.split())
+    default, kept = map(float, run_python(PAGE_FAULTS).split())
     assert kept * 5 < default, (default, kept)
 
 

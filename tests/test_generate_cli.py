@@ -3,12 +3,10 @@ several samples come out of one batched run. (Sampling itself is unit-tested in 
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, run_cli, run_script, train_args
+from tests.conftest import ROOT, SAMPLE, run_cli, run_python, run_script, train_args
 
 
 def test_generates_from_the_checkpoint_alone(trained_checkpoint, tmp_path):
@@ -41,15 +39,7 @@ def test_generate_and_eval_start_without_lightning_and_exit_without_sweeping_the
     # Importing Lightning takes ~2 s (it imports torchmetrics, scipy and torch._dynamo): generate.py took
     # 4.4 s instead of 1.8 s for 200 characters while it did. The frozen objects spare the exit ~0.2 s.
     args = [f"ckpt_path={trained_checkpoint}", "max_new_tokens=5" if script == "generate.py" else f"data.path={SAMPLE}"]
-    result = subprocess.run(
-        [sys.executable, "-c", ENTRY_POINT_COSTS, str(ROOT / script), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    costs = json.loads(result.stdout.splitlines()[-1])
+    costs = json.loads(run_python(ENTRY_POINT_COSTS, str(ROOT / script), *args).splitlines()[-1])
     assert costs["lightning"] == [] and costs["frozen"] > 10_000, costs
 
 
