@@ -1,17 +1,17 @@
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanollm import ModelConfig, NanoLLMError, TransformerLanguageModel
+from tests.conftest import tiny_model as seeded_tiny_model
 
-
-def tiny_model(**overrides) -> TransformerLanguageModel:
-    settings = dict(vocab_size=11, embedding_dim=16, num_layers=2, num_heads=2, ffn_hidden_dim=32, context_length=16)
-    return TransformerLanguageModel(ModelConfig(**{**settings, **overrides}))
+# conftest's seeded model in evaluation mode, with room for the 16-token sequences these tests feed.
+tiny_model = partial(seeded_tiny_model, context_length=16)
 
 
 def test_forward_shapes_and_loss():
-    torch.manual_seed(0)
     model = tiny_model()
     idx = torch.randint(0, 11, (3, 16))
     logits, loss = model(idx)
@@ -22,8 +22,7 @@ def test_forward_shapes_and_loss():
 
 
 def test_changing_a_later_token_never_changes_earlier_logits():
-    torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_model()
     idx = torch.randint(0, 11, (1, 16))
     changed = idx.clone()
     changed[0, 10] = (changed[0, 10] + 1) % 11
@@ -84,8 +83,7 @@ def test_activation_picks_the_feed_forward_non_linearity():
     x = torch.randn(2, 8, 16)
     outputs = {}
     for activation, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
-        torch.manual_seed(0)
-        ffn = tiny_model(activation=activation).blocks[0].ffn
+        ffn = tiny_model(activation=activation).blocks[0].ffn  # seeded: the same weights for both
         outputs[activation] = ffn(x)
         assert torch.equal(outputs[activation], ffn.proj(F.gelu(ffn.fc(x), approximate=approximate)))
     assert not torch.equal(outputs["gelu"], outputs["gelu_tanh"])  # the same weights, another function
@@ -107,8 +105,7 @@ def test_bad_position_encoding_settings_are_named(overrides, message):
 
 @pytest.mark.parametrize("position_encoding", ["rope", "learned"])
 def test_kv_cache_gives_the_same_logits_as_a_full_pass(position_encoding):
-    torch.manual_seed(0)
-    model = tiny_model(position_encoding=position_encoding).eval()
+    model = tiny_model(position_encoding=position_encoding)
     idx = torch.randint(0, 11, (1, 12))
     full, _ = model(idx)
     cache = model.new_cache()
@@ -152,7 +149,6 @@ def through_cache(model: TransformerLanguageModel, idx: torch.Tensor, cache, pre
 )
 def test_one_token_steps_are_bit_identical_to_the_module_path(position_encoding, activation):
     # decode_one (eval) re-implements the blocks for speed; training mode with no dropout runs the modules.
-    torch.manual_seed(0)
     model = tiny_model(position_encoding=position_encoding, activation=activation)
     idx = torch.randint(0, 11, (3, 16))
     logits = [through_cache(model.train(training), idx, model.new_cache(3), prefill=4) for training in (False, True)]
@@ -161,8 +157,7 @@ def test_one_token_steps_are_bit_identical_to_the_module_path(position_encoding,
 
 @pytest.mark.parametrize("rolling", [False, True])
 def test_multi_token_chunks_through_the_cache_match_a_full_pass(rolling):
-    torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_model()
     idx = torch.randint(0, 11, (2, 16))
     full, _ = model(idx)
     cache = model.new_cache(batch_size=2, rolling=rolling)
@@ -171,8 +166,7 @@ def test_multi_token_chunks_through_the_cache_match_a_full_pass(rolling):
 
 
 def test_rolling_cache_matches_a_full_pass_within_the_context():
-    torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_model()
     idx = torch.randint(0, 11, (1, 16))
     full, _ = model(idx)
     assert torch.allclose(full, through_cache(model, idx, model.new_cache(rolling=True), prefill=3), atol=1e-5)
@@ -181,8 +175,7 @@ def test_rolling_cache_matches_a_full_pass_within_the_context():
 def test_one_layer_rolling_cache_past_the_context_equals_the_window():
     # With one layer the next token depends only on the last context_length tokens and how far apart
     # they are (RoPE), so a rolling cache must give exactly the full pass over that window.
-    torch.manual_seed(0)
-    model = tiny_model(num_layers=1).eval()
+    model = tiny_model(num_layers=1)
     idx = torch.randint(0, 11, (1, 60))
     rolled = through_cache(model, idx, model.new_cache(rolling=True))
     for t in (16, 31, 32, 47, 59):  # past the context, on and off the ring's wrap-around
@@ -191,8 +184,7 @@ def test_one_layer_rolling_cache_past_the_context_equals_the_window():
 
 
 def test_rolling_cache_one_token_at_a_time_equals_chunks_and_one_pass():
-    torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_model()
     idx = torch.randint(0, 11, (2, 57))
     one_by_one = through_cache(model, idx, model.new_cache(batch_size=2, rolling=True))
     cache = model.new_cache(batch_size=2, rolling=True)
@@ -220,8 +212,7 @@ def test_rotation_past_the_table_turns_by_the_absolute_position():
 
 
 def test_a_batch_through_the_cache_gives_each_sequence_its_own_logits():
-    torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_model()
     idx = torch.randint(0, 11, (3, 40))
     batched = through_cache(model, idx, model.new_cache(batch_size=3, rolling=True), prefill=6)
     for row in range(3):
