@@ -507,7 +507,6 @@ def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
     """evaluation_speed's figures: one row per path, the median and every round per malloc setting, and
     the ratio of the medians."""
     default, kept = evaluation["glibc defaults"], evaluation["freed memory kept"]
-    cell = median_and_rounds
     return [
         "",
         "### Scoring text: medium preset, 200,000 characters (interleaved rounds, each in a fresh process)",
@@ -522,8 +521,8 @@ def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
             [
                 (
                     name,
-                    cell(default[name]),
-                    cell(kept[name]),
+                    median_and_rounds(default[name]),
+                    median_and_rounds(kept[name]),
                     f"{statistics.median(kept[name]) / statistics.median(default[name]):.2f}",
                 )
                 for name in kept
@@ -533,7 +532,7 @@ def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
 
 
 def long_generation_rows(every: dict[str, list[float]]) -> list[tuple[str, str, str]]:
-    """long_generation's paths: characters/s, and each round's ratio to that round's recompute path."""
+    """long_generation's paths: characters/s, and each round's ratio to that round's first path (recompute)."""
     recompute = next(iter(every.values()))
     return [
         (

@@ -8,18 +8,8 @@ def test_bench_runs_end_to_end_and_both_paths_reach_the_same_validation_loss(tmp
     out = tmp_path / "table.md"
     # The parts that time things (scoring, first step, data) are left out: their figures belong in BENCHMARKS.md.
     args = ["--steps", "12", "--rounds", "1", "--presets", "nano", "--corpus-mb", "0", "--whole-rounds", "0"]
-    args += [
-        "--reference-steps",
-        "8",
-        "--activation-steps",
-        "2",
-        "--gen-tokens",
-        "16",
-        "--long-gen",
-        "80",
-        "--gen-rounds",
-        "2",
-    ]
+    args += ["--reference-steps", "8", "--activation-steps", "2", "--gen-tokens", "16"]
+    args += ["--long-gen", "80", "--gen-rounds", "2"]
     args += ["--out", str(out)]
     args += ["--skip-scoring", "--skip-first-step"]
     bench.main(args)  # what `python -m nanollm.bench ...` runs, in this process
