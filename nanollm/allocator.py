@@ -5,7 +5,7 @@ its heap, so the next tensor of that size starts as fresh pages: one page fault 
 kernel that zeroes each page. A forward pass of the medium preset on 32 windows took about 22,000 page
 faults (88 MB of fresh pages) this way; with both thresholds raised it takes none, because freed
 memory stays in the process for the next tensor. The peak memory stays the same, and the process
-gives it back when it exits. In the bench, scoring got 1.1-1.2x faster in float32 and 1.5-1.8x in
+gives it back when it exits. In the bench, scoring got 1.05-1.2x faster in float32 and 1.5-1.8x in
 bf16 (medians).
 PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc, which a pip
 install cannot provide.

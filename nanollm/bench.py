@@ -268,12 +268,17 @@ def scoring_round(data: Path, keep_memory: bool) -> dict[str, float]:
         f"eval.py (stride {context // 2}: every character scored with >= {context // 2} before it)": evaluation,
         "eval.py, bf16 autocast (eval.precision=bf16)": lambda: evaluation(True),
     }
-    speeds = {}
+    return rates_of(paths)
+
+
+def rates_of(paths: dict) -> dict[str, float]:
+    """Run each path once, in order: what it returns (characters) per second of its wall-clock."""
+    rates = {}
     for name, path in paths.items():
         started = time.perf_counter()
-        characters = path()
-        speeds[name] = characters / (time.perf_counter() - started)
-    return speeds
+        count = path()
+        rates[name] = count / (time.perf_counter() - started)
+    return rates
 
 
 def activation_step_times(data: Path, work: Path, presets: list[str], steps: int = 30, rounds: int = 3) -> list[dict]:
@@ -333,10 +338,8 @@ def long_generation(characters: int = 2000, samples: int = 8, rounds: int = 3) -
     }
     every: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):  # interleaved, so a change in the machine's speed hits every path alike
-        for name, path in paths.items():
-            started = time.perf_counter()
-            count = path()
-            every[name].append(count / (time.perf_counter() - started))
+        for name, rate in rates_of(paths).items():
+            every[name].append(rate)
     return every
 
 
