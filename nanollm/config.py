@@ -122,6 +122,11 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_sample(cfg)
     _check_choice(cfg, "sample.beyond_context", BEYOND_CONTEXT)
     _validate_devices(cfg)
+    compile_mode = cfg.get("compile", False)
+    if not isinstance(compile_mode, bool) and compile_mode not in COMPILE_MODES:
+        raise NanoLLMError(
+            f"compile must be true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}), got {compile_mode!r}."
+        )
     path = _get(cfg, "data.path")
     if not path:
         raise NanoLLMError("data.path is empty: pass data.path=/path/to/text.txt.")
@@ -174,6 +179,8 @@ def _validate_sample(cfg: DictConfig, prefix: str = "sample.") -> None:
 
 
 DEVICES = ("cpu", "cuda", "auto")
+# torch.compile's modes: reduce-overhead replays CUDA graphs (launch overhead gone: small models on GPUs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def validate_generate_config(cfg: DictConfig) -> None:

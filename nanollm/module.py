@@ -31,7 +31,7 @@ class LanguageModelModule(L.LightningModule):
         tokenizer: dict | None = None,
         run_config: dict | None = None,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         model: TransformerLanguageModel | None = None,
     ):
         super().__init__()
@@ -44,8 +44,9 @@ class LanguageModelModule(L.LightningModule):
         self.run_config = run_config or {}
         self.optim = optim
         self.seed = seed
-        if compile:
-            self.model.compile()  # in place: state-dict keys stay those of the plain model
+        if compile:  # true, or a torch.compile mode such as "reduce-overhead"
+            # In place: state-dict keys stay those of the plain model.
+            self.model.compile(mode=None if compile is True else compile)
         self._interval_losses = torch.zeros(0)  # sized in on_train_start
         self._reset_interval()
         self.last_grad_norm: float | None = None

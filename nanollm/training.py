@@ -87,7 +87,7 @@ def run(
         tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         seed=start.seed,
-        compile=bool(cfg.get("compile", False)),
+        compile=cfg.get("compile", False),
         model=model if model is not None else start_weights(model_config_from(cfg, tokenizer.vocab_size), start),
     )
     module.apply_new_settings_on_resume = any(c.startswith(("optim.", "trainer.max_steps")) for c in start.changes)

@@ -115,6 +115,7 @@ TRAIN_CASES = {
     "unquoted comma": (["sample.prompt=Hi,", "you?"], ["could not parse the override", "quote"]),
     "comma in a value": (["sample.prompt=Hi, you?"], ["has a comma", 'sample.prompt="Hi, you?"']),
     "bogus precision": (["trainer.precision=bogus"], ["Precision 'bogus' is invalid", "trainer"]),
+    "unknown compile mode": (["compile=fast"], ["compile must be", "'fast'", "reduce-overhead"]),
     "GPU accelerator without a GPU": (["trainer.accelerator=gpu"], ["no CUDA GPU", "trainer.accelerator=cpu"]),
     "FSDP without a GPU": (["trainer=fsdp"], ["no CUDA GPU", "trainer.accelerator=cpu"]),
     # checkpoints
@@ -192,13 +193,19 @@ def cases():
 
 @pytest.mark.parametrize("script, args, fragments, in_subprocess", list(cases()))
 def test_bad_input_fails_with_one_clear_line_and_touches_nothing(
-    workspace, tmp_path, script, args, fragments, in_subprocess
+    workspace, tmp_path, monkeypatch, script, args, fragments, in_subprocess
 ):
     args = [a.format(ws=workspace) for a in args]
     before = snapshot(workspace)
     if script == "train.py":
         args = train_args(tmp_path, *args)
-    result = (run_script if in_subprocess else run_cli)(script, args)
+    # Every case sees a machine without a GPU, as CI's is: the "without a GPU" cases hold on one with a GPU too.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    if in_subprocess:
+        result = run_script(script, args, env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    else:
+        result = run_cli(script, args)
     assert_user_error(result, *(f.format(ws=workspace) for f in fragments))
     after = snapshot(workspace)
     assert {path: after.get(path) for path in before} == before  # every existing file is untouched

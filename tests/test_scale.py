@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanollm.api import compose_config
+from nanollm.model import TransformerLanguageModel
 from tests.conftest import ROOT, TINY, assert_user_error, needs_extra, read_results, run_cli, run_script, train_args
 from tests.test_reliability import assert_same_state, final_state
 
@@ -123,6 +124,15 @@ def test_slurm_auto_requeue_saves_requeues_and_the_requeued_job_continues(tmp_pa
     assert results["global_step"] == 30 and results["start_step"] >= 12
 
 
+def test_a_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    # compile=reduce-overhead (CUDA graphs) through train.py: the model is compiled once, in that mode.
+    modes = []
+    monkeypatch.setattr(TransformerLanguageModel, "compile", lambda model, **kwargs: modes.append(kwargs))
+    result = run_cli("train.py", train_args(tmp_path, "compile=reduce-overhead", "trainer.max_steps=2"))
+    assert result.returncode == 0, result.stderr
+    assert modes == [{"mode": "reduce-overhead"}]
+
+
 def test_gpu_precision_and_compile_flags_run_on_cpu_resume_exactly_and_their_checkpoints_load(tmp_path):
     # The GPU preset's precision on the CPU (bf16 autocast exists there too), compiled with torch.compile.
     cfg = compose_config(["trainer=gpu"])
@@ -220,8 +230,10 @@ def test_a_joblib_sweep_runs_its_jobs_in_parallel_each_on_its_share_of_the_cores
     assert result.returncode == 0, result.stderr
     a, b = (read_results(tmp_path / "sweep" / job) for job in ("0", "1"))
     assert a["status"] == b["status"] == "completed"
-    # The two trainings overlapped in time: they ran side by side, not one after the other.
-    assert a["first_step_unix_time"] < b["finished_unix_time"] and b["first_step_unix_time"] < a["finished_unix_time"]
+    # The two jobs overlapped in time: each began (Hydra wrote its .hydra/config.yaml, before the job's imports
+    # and start-up) before the other ended. Run one after the other, the second would begin after the first ended.
+    began = [min(p.stat().st_mtime for p in (tmp_path / "sweep" / job).glob(".hydra/*/config.yaml")) for job in "01"]
+    assert began[0] < b["finished_unix_time"] and began[1] < a["finished_unix_time"]
     assert a["torch_threads"] == b["torch_threads"] == max((os.cpu_count() or 1) // 2, 1)
 
 
