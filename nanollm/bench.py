@@ -480,7 +480,7 @@ def peak_memory_kb(child: subprocess.Popen) -> int:
     return peak
 
 
-def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+def markdown_table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -514,7 +514,7 @@ def scoring_table(evaluation: dict[str, dict[str, list[float]]]) -> list[str]:
         "",
         "### Scoring text: medium preset, 200,000 characters (interleaved rounds, each in a fresh process)",
         "",
-        *_table(
+        *markdown_table(
             (
                 "path",
                 "characters/s, glibc's malloc defaults: median (each round)",
@@ -570,7 +570,7 @@ def markdown(report: dict) -> str:
             "",
             f"### Whole processes, start to exit ({whole['rounds']} alternating rounds; ratios per round to the bare loop)",
             "",
-            *_table(
+            *markdown_table(
                 ("run", "median (s)", "every run (s)", "median ratio (each round)", "final val loss (full pass)"), rows
             ),
         ]
@@ -579,7 +579,7 @@ def markdown(report: dict) -> str:
         "### Training throughput: Lightning path vs bare PyTorch loop (same process, interleaved, best of "
         f"{report['rounds']})",
         "",
-        *_table(
+        *markdown_table(
             ("config", "parameters", "tokens/step", "Lightning tokens/s", "bare tokens/s", "Lightning ms/step",
              "bare ms/step", "ratio", "MFU"),
             [
@@ -599,7 +599,7 @@ def markdown(report: dict) -> str:
             "### Feed-forward activation: ms per training step (forward, backward, fused AdamW; interleaved, best "
             f"of {report['rounds']})",
             "",
-            *_table(
+            *markdown_table(
                 ("config", "gelu_tanh (GPT-2's tanh form, before)", "gelu (exact, now)", "ratio"),
                 [
                     (r["config"], f"{r['gelu_tanh']:.2f}", f"{r['gelu']:.2f}", f"{r['ratio']:.3f}")
@@ -614,7 +614,7 @@ def markdown(report: dict) -> str:
             f"### The same training on both paths: reference recipe, {ref['steps']} steps, validation every "
             f"{ref['steps'] // 4} steps (in one process)",
             "",
-            *_table(
+            *markdown_table(
                 ("path", "final val loss", "wall-clock (s), every run"),
                 [
                     (
@@ -634,7 +634,7 @@ def markdown(report: dict) -> str:
             f"### Long generation: {report['long_generation_characters']:,} characters from nano (context 64), "
             "generate.py's sampling settings (interleaved rounds)",
             "",
-            *_table(
+            *markdown_table(
                 ("path", "characters/s: median (each round)", "against recompute: median (each round)"),
                 long_generation_rows(report["long_generation"]),
             ),
@@ -644,7 +644,7 @@ def markdown(report: dict) -> str:
         "",
         f"### KV cache (medium preset at a 256-character context, {gen['tokens']} new characters from a 1-character prompt)",
         "",
-        *_table(
+        *markdown_table(
             ("path", "characters/s: median (each round)"),
             [
                 ("KV cache", median_and_rounds(gen["cache"])),

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data" / "raw" / "sample.txt"
+from nanollm.bench import ROOT, SAMPLE, markdown_table
 
 CONFIGS = {
     "large": "model=large trainer=gpu compile=true",
@@ -65,7 +64,8 @@ def bf16_matmul_peak(size: int = 8192, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (start.elapsed_time(end) / 1000)
 
 
-def train_command(overrides: list[str], data: Path, run_dir: Path, target: float) -> list[str]:
+def stop_at_target_command(overrides: list[str], data: Path, run_dir: Path, target: float) -> list[str]:
+    """`python train.py` with the overrides, stopped at the first full-pass validation below `target`."""
     return [
         sys.executable,
         "train.py",
@@ -110,7 +110,7 @@ def timed_run(name: str, overrides: str, data: Path, work: Path, target: float, 
     started = time.time()
     try:
         done = subprocess.run(
-            train_command(shlex.split(overrides), data, run_dir, target),
+            stop_at_target_command(shlex.split(overrides), data, run_dir, target),
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -160,21 +160,30 @@ def markdown(report: dict) -> str:
         + (f"datasheet {peaks['datasheet'] / 1e12:.0f} TFLOP/s (dense), " if peaks.get("datasheet") else "")
         + f"a measured 8192x8192 matrix product {peaks['measured'] / 1e12:.0f} TFLOP/s.",
         "",
-        f"| run | parameters | tokens/s | MFU (datasheet / measured) | to first step | "
-        f"val < {report['target']} at step | whole process | final val |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    target = report["target"]
+    header = (
+        "run",
+        "parameters",
+        "tokens/s",
+        "MFU (datasheet / measured)",
+        "to first step",
+        f"val < {target} at step",
+        "whole process",
+        "final val",
+    )
+    rows = []
     for row in report["runs"]:
         if "error" in row:
-            lines.append(f"| {row['name']} | | | | | {row['error']} | | |")
+            rows.append((row["name"], "", "", "", "", row["error"], "", ""))
             continue
         mfu = " / ".join(f"{100 * row[k]:.1f}%" for k in ("mfu_datasheet", "mfu_measured") if k in row) or "-"
         reached = row["reached_step"] if row["reached_step"] is not None else f"not reached ({row['steps']} steps)"
         rate = f"{row['tokens_per_second']:,.0f}" if row["tokens_per_second"] else "-"
-        lines.append(
-            f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {rate} | {mfu} | "
-            f"{row['first_step_seconds']:.1f} s | {reached} | {row['seconds']:.1f} s | {row['final_val_loss']:.4f} |"
-        )
+        parameters, first_step = f"{row['parameters'] / 1e6:.1f}M", f"{row['first_step_seconds']:.1f} s"
+        whole, final = f"{row['seconds']:.1f} s", f"{row['final_val_loss']:.4f}"
+        rows.append((row["name"], parameters, rate, mfu, first_step, reached, whole, final))
+    lines += markdown_table(header, rows)
     lines += ["", "Overrides: " + "; ".join(f"{r['name']}: `{r['overrides']}`" for r in report["runs"])]
     return "\n".join(lines) + "\n"
 
@@ -210,11 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, overrides in runs:
             row = timed_run(name, overrides, data, Path(tmp), args.target, args.timeout)
             report["runs"].append(with_utilisation(row, peaks))
-            text = markdown(report)
             if args.out:  # after every run, so a cut-off invocation keeps what it measured
-                args.out.write_text(text)
+                args.out.write_text(markdown(report))
                 args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    print(text)
+    print(markdown(report))
 
 
 if __name__ == "__main__":

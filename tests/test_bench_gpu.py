@@ -1,6 +1,8 @@
 """The GPU benchmark's harness, on the CPU: its train.py runs, the stop at the target, MFU and the table.
 (The figures themselves come from a GPU and live in BENCHMARKS.md.)"""
 
+import json
+
 import pytest
 import torch
 
@@ -49,3 +51,26 @@ def test_without_a_gpu_it_says_so_in_one_line(monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         bench_gpu.main([])
     assert str(stopped.value).startswith("error: no CUDA GPU") and "nanollm.bench" in str(stopped.value)
+
+
+def test_the_report_is_written_after_every_run_and_with_no_runs_at_all(monkeypatch, tmp_path, capsys):
+    # main's own flow, with the GPU's answers stood in for (timed_run is tested above through train.py).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench_gpu, "bf16_matmul_peak", lambda: 8e14)
+    seen = []
+
+    def fake_run(name, overrides, data, work, target, timeout):
+        seen.append((name, overrides, target))
+        return {"name": name, "overrides": overrides, "error": "still running after 1 s"}
+
+    monkeypatch.setattr(bench_gpu, "timed_run", fake_run)
+    out = tmp_path / "gpu.md"
+    bench_gpu.main(["--configs", "shakespeare_char", "--run", "mine=model=nano trainer.max_steps=9", "--out", str(out)])
+    assert seen == [
+        ("shakespeare_char", "experiment=shakespeare_char", 1.47),
+        ("mine", "model=nano trainer.max_steps=9", 1.47),
+    ]
+    assert "| mine |" in out.read_text() and len(json.loads(out.with_suffix(".json").read_text())["runs"]) == 2
+    bench_gpu.main(["--configs", ""])
+    assert "datasheet 989 TFLOP/s" in capsys.readouterr().out
