@@ -72,8 +72,9 @@ def generate_steps(
 
     All samples advance together: one batched forward pass per step. The model sees at most its
     last `context_length` tokens; past them see BEYOND_CONTEXT. With the cache, each new token
-    costs one single-token step until the text outgrows the context; then "recompute" rebuilds
-    the cache from the window every step, so both paths give the same tokens.
+    costs one single-token step until the text outgrows the context; from then on "recompute"
+    re-reads the window every step, as the path without a cache does (a cache has nothing left to
+    reuse), so both paths give the same tokens.
     """
     check_sampling_args(max_new_tokens, temperature, top_k)
     check_beyond_context(beyond_context)
@@ -102,16 +103,18 @@ def generate_steps(
                 # The exact GELU goes to oneDNN on CPUs, whose set-up costs ~8 us a call; ATen's own
                 # kernel takes ~1 us on one token's vector (oneDNN is faster on training's large tensors).
                 torch.backends.mkldnn.enabled = False
+            if cache is not None and not rolling and cache.length + pending.size(1) > window:
+                # Past the context every step re-reads the whole window: a cache has nothing left to reuse.
+                cache = None
+            # Sampling reads the last position's logits only (last_only skips the rest of the last block).
             if cache is None:
                 # Without a cache every step re-reads the window; a rolling window from scratch.
                 fresh = model.new_cache(num_samples, rolling=True) if rolling else None
-                logits, _ = model(tokens[:, max(0, length - window) : length], cache=fresh)
+                logits, _ = model(tokens[:, max(0, length - window) : length], cache=fresh, last_only=True)
             else:
-                if not rolling and cache.length + pending.size(1) > window:
-                    cache.length, pending = 0, tokens[:, length - window : length]
                 # forward() itself: nn.Module's call wrapper (hooks, which generation never adds) costs
                 # ~4 us of a nano step's ~120.
-                logits, _ = model.forward(pending, cache=cache)
+                logits, _ = model.forward(pending, cache=cache, last_only=True)
             if top_k != 1 and step % NOISE_STEPS == 0:
                 noise = draw_noise(min(NOISE_STEPS, max_new_tokens - step), num_samples, logits.size(-1), generator)
             next_ids = sample_next(

@@ -202,7 +202,10 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
         rotary: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Attention outputs (B, T, C), or (B, 1, C) for the last position alone with `last_only`
+        (every position's key and value is still computed and cached)."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads)
         if rotary is not None:
@@ -215,6 +218,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         if cache is not None:
             k, v = cache.store(layer, qkv[1:])
+        if last_only:  # the last query sees every key it is given (a mask says which, past a rolling context)
+            q, T = q[:, :, -1:], 1
+            mask = None if mask is None else mask[-1:]
         # SDPA picks flash / memory-efficient kernels where the hardware has them. Without a mask,
         # several tokens are plainly causal (no cache, or a first chunk) and one token sees every key.
         y = F.scaled_dot_product_attention(
@@ -251,8 +257,10 @@ class Block(nn.Module):
         layer: int = 0,
         rotary: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer, rotary, mask)
+        attended = self.attn(self.norm1(x), cache, layer, rotary, mask, last_only)
+        x = (x[:, -1:] if last_only else x) + attended
         return x + self.ffn(self.norm2(x))
 
 
@@ -300,13 +308,21 @@ class TransformerLanguageModel(nn.Module):
         return total
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and the loss if `targets` are given.
 
         With a cache, `idx` continues the sequences the cache has seen: any number of tokens at a
-        time, each attending to the cached tokens and the new ones before it.
+        time, each attending to the cached tokens and the new ones before it. `last_only` gives the
+        last position's logits alone (B, 1, vocab), what sampling reads: the last block then computes
+        only that position's query, feed-forward and head.
         """
+        if last_only and targets is not None:
+            raise NanoLLMError("last_only gives one position's logits: it cannot score targets for every position.")
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.context_length and not (cache is not None and cache.rolling):
@@ -324,7 +340,7 @@ class TransformerLanguageModel(nn.Module):
             x = dropout(x, self.config.dropout, self.training)
             mask = cache.attention_mask(T, idx.device) if cache is not None else None
             for layer, block in enumerate(self.blocks):
-                x = block(x, cache, layer, rotary, mask)
+                x = block(x, cache, layer, rotary, mask, last_only and layer == len(self.blocks) - 1)
             logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
         if cache is not None:
             cache.length += T

@@ -46,9 +46,11 @@ def test_same_seed_same_text_and_different_seed_differs(model_and_tokenizer):
     assert a == b and a != c
 
 
-def test_top_k_1_is_greedy(model_and_tokenizer):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_top_k_1_is_greedy_on_the_last_window(model_and_tokenizer, use_cache):
+    # 40 new tokens with context 24: past it, each step must read exactly the last 24 tokens.
     model, tok = model_and_tokenizer
-    ids = list(generate_tokens(model, tok.encode("ab"), 10, top_k=1, generator=make_generator(5)))
+    ids = list(generate_tokens(model, tok.encode("ab"), 40, top_k=1, generator=make_generator(5), use_cache=use_cache))
     context = tok.encode("ab")
     for token in ids:
         logits, _ = model(torch.tensor([context[-24:]]))

@@ -220,6 +220,29 @@ def test_a_batch_through_the_cache_gives_each_sequence_its_own_logits():
         assert torch.allclose(batched[row], alone[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("position_encoding", ["rope", "learned"])
+def test_last_only_gives_the_last_positions_logits_of_a_full_pass(position_encoding):
+    model = tiny_model(position_encoding=position_encoding)
+    idx = torch.randint(0, 11, (2, 16))
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (2, 1, 11) and torch.allclose(last, full[:, -1:], atol=1e-5)
+    with pytest.raises(NanoLLMError, match="last_only"):
+        model(idx, idx, last_only=True)
+
+
+def test_last_only_through_a_rolling_cache_past_the_context_still_caches_every_position():
+    # Past the context the last query must see only the window the mask allows, and the cache must
+    # still hold every position's keys: the steps after it give what they give after a full chunk.
+    model = tiny_model()
+    idx = torch.randint(0, 11, (1, 44))
+    caches = [model.new_cache(rolling=True) for _ in range(2)]
+    chunk = [model(idx[:, :40], cache=c, last_only=last)[0] for c, last in zip(caches, (False, True), strict=True)]
+    assert torch.allclose(chunk[1], chunk[0][:, -1:], atol=1e-5)
+    after = [through_cache(model, idx[:, 40:], cache) for cache in caches]
+    assert torch.allclose(after[0], after[1], atol=1e-5)
+
+
 def test_cache_limits_are_named():
     model = tiny_model()
     with pytest.raises(NanoLLMError, match="exceeds the model's context_length"):
