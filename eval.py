@@ -11,7 +11,9 @@ from nanollm.cli import eval_command, exit_on_user_error, run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-@exit_on_user_error(interrupted="evaluation interrupted; nothing was written.")
+@exit_on_user_error(
+    interrupted="evaluation interrupted; nothing was written.", out_of_memory="use a smaller eval.batch_size"
+)
 def main(cfg: DictConfig) -> None:
     eval_command(cfg)
 

@@ -11,7 +11,7 @@ from nanollm.cli import exit_on_user_error, generate_command, run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
-@exit_on_user_error(interrupted="generation interrupted.")
+@exit_on_user_error(interrupted="generation interrupted.", out_of_memory="use a smaller num_samples or max_new_tokens")
 def main(cfg: DictConfig) -> None:
     generate_command(cfg)
 

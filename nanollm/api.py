@@ -10,6 +10,8 @@ print(generate_text(model, tokenizer, "The ", max_length=100, temperature=0.8, t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,8 +78,15 @@ def train_with_config(
     from nanollm.corpus import EncodedCorpus, token_dtype
     from nanollm.training import run
 
-    if "checkpoint_dir" not in config:
-        raise NanoLLMError("config['checkpoint_dir'] is required: the directory for checkpoint files.")
+    if not isinstance(config, Mapping):
+        raise NanoLLMError(
+            f"config must be a dict of settings, e.g. {{'checkpoint_dir': 'checkpoints'}}, got {config!r}."
+        )
+    if not isinstance(config.get("checkpoint_dir"), (str, os.PathLike)) or not str(config["checkpoint_dir"]):
+        raise NanoLLMError(
+            "config['checkpoint_dir'] is required: the directory for checkpoint files (a str or Path), "
+            f"got {config.get('checkpoint_dir')!r}."
+        )
     if config.get("vocab_size") not in (None, model.config.vocab_size):
         raise NanoLLMError(
             f"config['vocab_size'] ({config['vocab_size']}) differs from the model's ({model.config.vocab_size})."
@@ -132,6 +141,7 @@ def load_checkpoint(
     """Load weights (and optionally optimizer state) into `model`; returns `(step, loss)`."""
     from nanollm.checkpointing import NANOLLM_KEY, load_model_weights, read_checkpoint
 
+    _check_path(path)
     checkpoint = read_checkpoint(path)
     load_model_weights(model, checkpoint, path)
     if optimizer is not None and checkpoint.get("optimizer_states"):
@@ -143,5 +153,11 @@ def load_model(path: str | Path) -> tuple[TransformerLanguageModel, CharTokenize
     """Rebuild the model and tokenizer from a checkpoint file alone."""
     from nanollm.checkpointing import model_from_checkpoint
 
+    _check_path(path)
     model, tokenizer, _ = model_from_checkpoint(path)
     return model, tokenizer
+
+
+def _check_path(path) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise NanoLLMError(f"path must be a checkpoint file path (a str or Path), got {path!r}.")

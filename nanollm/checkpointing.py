@@ -10,6 +10,7 @@ callbacks.SafeCheckpointIO.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise NanoLLMError(
             f"Checkpoint '{path}' does not exist. Check the path, or use ckpt_path=last for the newest run."
         )
-    if path.is_dir():
-        raise NanoLLMError(
-            f"Checkpoint path '{path}' is a directory; pass a .ckpt file inside it (e.g. {path}/last.ckpt)."
-        )
+    if path.is_dir():  # a run directory keeps its checkpoints in checkpoints/
+        inside = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        example = next(iter(list_checkpoints(inside)), inside / LAST_NAME)
+        raise NanoLLMError(f"Checkpoint path '{path}' is a directory; pass a checkpoint file in it, e.g. {example}.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -58,7 +59,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
                 f"Refused to load '{path}': it contains Python objects that could run code, which nanollm "
                 "checkpoints never do. Only load checkpoints you trust, written by nanollm."
             ) from None
-        raise DamagedCheckpointError(f"Checkpoint '{path}' is damaged or not a checkpoint file ({err}).") from None
+        raise DamagedCheckpointError(
+            f"Checkpoint '{path}' is damaged or not a checkpoint file ({_unpickling_reason(err)})."
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError) as err:
         # Arbitrary bytes make torch's safe unpickler fail in many ways (a text file starting with "h": KeyError).
         reason = str(err).splitlines()[0] if str(err) and not isinstance(err, LookupError) else "not a PyTorch file"
@@ -68,6 +71,13 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
             f"'{path}' is not a nanollm checkpoint (no model/vocabulary record). Pass a .ckpt written by train.py."
         )
     return checkpoint
+
+
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler found, without torch's advice to retry with weights_only=False
+    (which could run code: the opposite of what a damaged file needs)."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+    return found.group(1).strip() if found else "its bytes are not a saved PyTorch object"
 
 
 # train.py writes .ckpt files; the runbook API .pt files.
@@ -81,6 +91,14 @@ def list_checkpoints(directory: Path | None, patterns: tuple[str, ...] = CHECKPO
         return []
     files = {p for pattern in patterns for p in directory.glob(pattern) if p.is_file()}
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The training step a checkpoint was saved at, read without loading its tensors (None if unreadable)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # damaged or foreign: not a state of this run to protect or compare
+        return None
 
 
 def newest_good_checkpoint(
@@ -107,13 +125,18 @@ def newest_good_checkpoint(
 
 
 def resolve_checkpoint(
-    ckpt_path: str | None, own_dirs: Path | list[Path] | None, outputs_dir: Path, warn=print
+    ckpt_path: str | None,
+    own_dirs: Path | list[Path] | None,
+    outputs_dir: Path,
+    warn=print,
+    own_run_only: bool = False,
 ) -> tuple[Path, dict] | None:
     """Turn the user's `ckpt_path` into a checkpoint file and its loaded contents (None for a fresh run).
 
     `last` means the newest good checkpoint of this run (`own_dirs`), else of the newest run under
     `outputs_dir`; `best` the same among `best.ckpt` files. Lightning's own `ckpt_path="last"` only
     looks in the current run, which for a fresh timestamped Hydra run is empty, so we resolve it ourselves.
+    `own_run_only` (a sweep's job): only this run's own checkpoints; none means a fresh start.
     """
     if ckpt_path in (None, ""):
         return None
@@ -123,6 +146,9 @@ def resolve_checkpoint(
     patterns = CHECKPOINT_FILES if name == "last" else BEST_FILES
     own = [own_dirs] if isinstance(own_dirs, Path) else list(own_dirs or [])
     found = newest_good_checkpoint(own, patterns, warn)
+    if found is None and own_run_only:
+        warn(f"ckpt_path={name}: this job has no checkpoint of its own yet, so it starts from the beginning.")
+        return None
     if found is None and outputs_dir.is_dir():
         run_dirs = {p.parent for pattern in patterns for p in outputs_dir.rglob(pattern)}
         found = newest_good_checkpoint(sorted(run_dirs), patterns, warn)

@@ -23,14 +23,20 @@ from nanollm.files import atomic_write_text
 _job_started = False  # set once Hydra has composed the config and the command runs
 
 
-def exit_on_user_error(main=None, *, interrupted: str = "interrupted before training started; nothing was saved."):
+def exit_on_user_error(
+    main=None,
+    *,
+    interrupted: str = "interrupted before training started; nothing was saved.",
+    out_of_memory: str = "use a smaller data.batch_size or a smaller model",
+):
     """Print a NanoLLMError as one `error:` line on stderr and exit non-zero, without a traceback.
 
     In a multirun the failed job is recorded in its results.json instead, so the sweep goes on. Under
-    DDP only rank 0 prints. `interrupted` is the line for a Ctrl-C that the command does not handle.
+    DDP only rank 0 prints. `interrupted` is the line for a Ctrl-C that the command does not handle;
+    `out_of_memory` says what to make smaller when an allocation fails.
     """
     if main is None:
-        return functools.partial(exit_on_user_error, interrupted=interrupted)
+        return functools.partial(exit_on_user_error, interrupted=interrupted, out_of_memory=out_of_memory)
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
@@ -39,16 +45,34 @@ def exit_on_user_error(main=None, *, interrupted: str = "interrupted before trai
         try:
             return main(cfg)
         except NanoLLMError as err:
-            _print_once(f"error: {err}")
-            if _in_multirun() and not isinstance(err, (TrainingInterrupted, SweepError)):
-                _record_failed_job(cfg, err)
-                return None
-            sys.exit(err.exit_code)
+            return _user_error(cfg, err)
+        except (MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            cause = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", str(err).strip().splitlines()[0])
+            return _user_error(cfg, NanoLLMError(f"out of memory: {cause}; {out_of_memory}."))
         except KeyboardInterrupt:
             _print_once(f"error: {interrupted}")
             sys.exit(130)
 
     return wrapper
+
+
+def _user_error(cfg: DictConfig, err: NanoLLMError) -> None:
+    _print_once(f"error: {err}")
+    if _in_multirun() and not isinstance(err, (TrainingInterrupted, SweepError)):
+        _record_failed_job(cfg, err)
+        return None
+    sys.exit(err.exit_code)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError (numpy's too), torch's OutOfMemoryError (a GPU's) or the
+    CPU allocator's RuntimeError. The request was too large for this machine, not a bug."""
+    torch = sys.modules.get("torch")  # a torch error means torch is imported
+    if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
 
 
 log = logging.getLogger("nanollm")
@@ -100,6 +124,15 @@ def run_entry_point(main) -> None:
             line = f"cannot create the run directory '{err.filename}': {err.strerror}; choose another hydra.run.dir."
         _print_once(f"error: {line}")
         sys.exit(1)
+    except ValueError as err:
+        # Optuna's sweeper asks for the best trial even when every trial failed; each printed its error.
+        if full_error_wanted or str(err) != "No trials are completed yet.":
+            raise
+        _print_once(
+            "error: no trial of the sweep completed: each failed with the error above (also in its "
+            "results.json); fix it and run the sweep again."
+        )
+        sys.exit(1)
     skip_shutdown_collections()
 
 
@@ -123,7 +156,7 @@ def hydra_error_line(err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
         group, choice = err.missing_cfg_file.rsplit("/", 1)
-        options = sorted(err.options or [])
+        options = sorted(err.options or []) or _group_options(err, group)
         listed = f"; choose one of: {', '.join(options)} (e.g. {group}={options[0]})" if options else ""
         return f"unknown {group} '{choice}'{listed}."
     unknown_key = re.match(r"Could not override '([^']+)'", first)
@@ -145,6 +178,13 @@ def hydra_error_line(err: Exception) -> str:
     return first
 
 
+def _group_options(err: Exception, group: str) -> list[str]:
+    """A config group's choices in the search path directories Hydra's message lists: the error of a
+    list choice (`logger=[csv,bogus]`) names none itself."""
+    directories = re.findall(r"path=file://(\S+)", str(err))
+    return sorted({path.stem for directory in directories for path in Path(directory, group).glob("*.yaml")})
+
+
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -156,8 +196,21 @@ def _record_failed_job(cfg: DictConfig, err: Exception) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
+    path = Path(hydra_cfg.runtime.output_dir, "results.json")
+    if _recorded_status(path) not in (None, "failed"):
+        return  # the results of a run whose directory this job was refused: they stay as they are
     record = {"status": "failed", "error": str(err), "overrides": list(hydra_cfg.overrides.task)}
-    atomic_write_text(Path(hydra_cfg.runtime.output_dir, "results.json"), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def _recorded_status(results_path: Path) -> str | None:
+    """The status in an existing results.json ("completed", "interrupted", "failed"); None if there is none."""
+    try:
+        return json.loads(results_path.read_text(encoding="utf-8")).get("status", "unknown")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "unknown"  # unreadable: not ours to replace either
 
 
 def quiet_lightning() -> None:
@@ -196,10 +249,18 @@ def train_command(cfg: DictConfig) -> float | None:
         cause = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
         raise TrainingInterrupted(
             f"{cause} at step {results['global_step']}; saved {results['checkpoint_path']}. "
-            "Resume with the same command plus ckpt_path=last.",
+            f"Resume with the same command plus {_resume_overrides(hydra_cfg)}.",
             exit_code=128 + signum,
         )
     return results["final_val_loss"]
+
+
+def _resume_overrides(hydra_cfg) -> str:
+    """What to add to the command to continue it: a sweep must also be pointed at its own directory,
+    where each job continues from its own checkpoint (jobs that never started start then)."""
+    if not _in_multirun() or any(o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
+        return "ckpt_path=last"
+    return f"ckpt_path=last hydra.sweep.dir={hydra_cfg.sweep.dir}"
 
 
 def format_report(results: dict) -> str:
@@ -263,6 +324,8 @@ def eval_command(cfg: DictConfig) -> None:
             "ckpt_path is required: python eval.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt (or ckpt_path=last)."
         )
     ckpt_path = OmegaConf.to_container(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else str(cfg.ckpt_path)
+    if not cfg.data.path:  # Path("") is the current directory: every text file under it would be scored
+        raise NanoLLMError("data.path is empty: pass data.path=/path/to/text.txt.")
     if cfg.output:
         check_output_path(cfg.output)
     results, several = evaluate(

@@ -121,6 +121,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise NanoLLMError(f"seed must be an integer in [0, 2^32), or null to draw one, got {seed!r}.")
     _validate_sample(cfg)
     _check_choice(cfg, "sample.beyond_context", BEYOND_CONTEXT)
+    _validate_early_stopping(cfg)
     _validate_devices(cfg)
     compile_mode = cfg.get("compile", False)
     if not isinstance(compile_mode, bool) and compile_mode not in COMPILE_MODES:
@@ -164,8 +165,33 @@ def _validate_devices(cfg: DictConfig) -> None:
         )
 
 
+def _validate_early_stopping(cfg: DictConfig) -> None:
+    """callbacks=early_stopping's settings: Lightning reads them only at the first validation."""
+    if _get(cfg, "callbacks.early_stopping") is None:
+        return
+    # EarlyStopping stops after `patience` validations in a row without improvement (0: at the first).
+    patience = _get(cfg, "callbacks.early_stopping.patience")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise NanoLLMError(f"callbacks.early_stopping.patience must be an integer >= 0, got {patience!r}.")
+    _number(cfg, "callbacks.early_stopping.min_delta", 0, math.inf, "a number >= 0 (the least change that counts)")
+    if _get(cfg, "callbacks.early_stopping.stopping_threshold") is not None:
+        _number(
+            cfg,
+            "callbacks.early_stopping.stopping_threshold",
+            -math.inf,
+            math.inf,
+            "a number (the val/loss to stop at), or null for none",
+        )
+
+
 def _validate_sample(cfg: DictConfig, prefix: str = "sample.") -> None:
     """Sampling settings (train.py's end-of-training sample, checked before training starts; generate.py's)."""
+    prompt = _get(cfg, f"{prefix}prompt")
+    if not isinstance(prompt, str):
+        raise NanoLLMError(
+            f"{prefix}prompt must be text, got {prompt!r}: Hydra reads unquoted null, true/false and numbers as "
+            f"values; quote the prompt, e.g. '{prefix}prompt=\"1e3\"'."
+        )
     tokens = _get(cfg, f"{prefix}max_new_tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise NanoLLMError(f"{prefix}max_new_tokens must be an integer >= 0, got {tokens!r}.")
@@ -193,6 +219,8 @@ def validate_generate_config(cfg: DictConfig) -> None:
     _validate_sample(cfg, prefix="")
     _check_choice(cfg, "beyond_context", BEYOND_CONTEXT)
     _positive_int(cfg, "num_samples")
+    if not isinstance(_get(cfg, "use_cache"), bool):
+        raise NanoLLMError(f"use_cache must be true or false, got {_get(cfg, 'use_cache')!r}.")
     check_device(_get(cfg, "device"))
 
 

@@ -71,6 +71,11 @@ def list_text_files(path: str | Path, glob: str = DEFAULT_GLOB) -> list[Path]:
         )
     if path.is_file():
         return [path]
+    if not path.is_dir():  # a device, a pipe or a socket: glob would find nothing under it
+        raise NanoLLMError(
+            f"Data path '{path}' is not a regular file or a directory; pass data.path=/path/to/text.txt "
+            "or a directory of text files."
+        )
     try:
         files = sorted(p for p in path.glob(glob) if p.is_file())
     except (TypeError, ValueError, NotImplementedError):  # empty, absolute or not a string

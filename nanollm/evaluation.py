@@ -241,6 +241,11 @@ def evaluate(
             raise NanoLLMError(
                 f"Checkpoint '{path}' has no vocabulary (it was trained on raw token ids); it cannot score text."
             )
+        if method == "rolling" and model.config.position_encoding != "rope":
+            raise NanoLLMError(
+                f"Checkpoint '{path}' has learned position embeddings, which cannot roll past the context: "
+                "eval.method=rolling needs a RoPE model; use eval.method=windows (generation recomputes its window)."
+            )
         key = "".join(tokenizer.chars)  # checkpoints of one run share a vocabulary: encode once
         if key not in encoded:
             encoded[key] = encode_text(tokenizer, text, unknown, data_path)
@@ -313,7 +318,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def check_output_path(path: str | Path) -> None:
-    """Refuse an output path that cannot be written before scoring, not after minutes of it."""
+    """Refuse an output path that cannot be written, or that exists, before scoring, not after minutes of it."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,3 +326,5 @@ def check_output_path(path: str | Path) -> None:
         raise NanoLLMError(f"Cannot create the directory of output='{path}': {err.strerror or err}.") from None
     if path.is_dir() or not os.access(path.parent, os.W_OK):
         raise NanoLLMError(f"output='{path}' is a directory or not writable; pass output= a writable .json file path.")
+    if os.path.lexists(path):  # it may be a checkpoint or the text just scored: never replace a file
+        raise NanoLLMError(f"output '{path}' already exists; choose a new file name or delete it first.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -22,14 +24,20 @@ BEYOND_CONTEXT = ("recompute", "rolling")
 # prefill uses every thread either way.
 SINGLE_THREAD_DECODING_BELOW = 300_000  # parameters
 
+# The token history holds the window the model reads plus room for this many new tokens; when it is
+# full, the last window moves to its front. Memory does not grow with max_new_tokens.
+HISTORY_CHUNK = 1024
+
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
     """Reject sampling settings that have no meaning, with the fix in the message."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise NanoLLMError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise NanoLLMError(f"temperature must be > 0, got {temperature!r} (use top_k=1 for greedy decoding).")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise NanoLLMError(
+            f"temperature must be a finite number > 0, got {temperature!r} (use top_k=1 for greedy decoding)."
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise NanoLLMError(f"top_k must be an integer >= 1 or null, got {top_k!r}.")
 
 
@@ -88,11 +96,13 @@ def generate_steps(
     device = model.token_embedding.weight.device
     # The window the model reads: the last `context` tokens, or a rolling cache's receptive field.
     window = receptive_field(model) if rolling else model.config.context_length
-    tokens = torch.empty(num_samples, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
-    tokens[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    length = len(prompt_ids)
+    kept = prompt_ids[-window:]  # no step reads older tokens
+    capacity = min(len(kept) + max_new_tokens, window + HISTORY_CHUNK)
+    tokens = torch.empty(num_samples, capacity, dtype=torch.long, device=device)
+    tokens[:, : len(kept)] = torch.tensor(kept, dtype=torch.long, device=device)
+    length = len(kept)
     cache = model.new_cache(num_samples, rolling) if use_cache else None
-    pending = tokens[:, max(0, length - window) : length]  # tokens not yet seen by the cache
+    pending = tokens[:, :length]  # tokens not yet seen by the cache
     noise = None
     threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     try:
@@ -121,6 +131,9 @@ def generate_steps(
                 logits[:, -1], temperature, top_k, noise=None if noise is None else noise[step % NOISE_STEPS]
             )
             if cache is None or not rolling:  # the history feeds windows; a rolling cache never re-reads it
+                if length == capacity:  # full: keep the last window, all that later steps read
+                    tokens[:, :window] = tokens[:, length - window : length].clone()
+                    length = window
                 tokens[:, length] = next_ids
             pending = next_ids[:, None].to(device)
             length += 1
@@ -165,14 +178,14 @@ def generate_batch(
     Sample i is not the text that the i-th of several generate_tokens calls would give: the
     steps draw for all samples in turn.
     """
-    steps = list(
-        generate_steps(
-            model, prompt_ids, num_samples, max_new_tokens, temperature, top_k, generator, use_cache, beyond_context
-        )
+    steps = generate_steps(
+        model, prompt_ids, num_samples, max_new_tokens, temperature, top_k, generator, use_cache, beyond_context
     )
-    if not steps:
-        return [[] for _ in range(num_samples)]
-    return torch.stack(steps, dim=1).tolist()
+    for step, next_ids in enumerate(steps):
+        if step == 0:  # after generate_steps' checks; all of it at once, so a request too large fails now
+            samples = torch.empty(num_samples, max_new_tokens, dtype=torch.long)
+        samples[:, step] = next_ids
+    return samples.tolist() if max_new_tokens else [[] for _ in range(num_samples)]
 
 
 # Sampling noise is drawn for this many steps at once: one call instead of one per step. (A caller
@@ -286,8 +299,10 @@ def usable_prompt(tokenizer, prompt: str) -> str:
 
 def make_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
-    if seed is not None:
+    if seed is None:
+        generator.seed()
+    elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**63:
         generator.manual_seed(int(seed))
     else:
-        generator.seed()
+        raise NanoLLMError(f"seed must be an integer >= 0, or None for a random one, got {seed!r}.")
     return generator

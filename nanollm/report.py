@@ -75,7 +75,8 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
     """Write the summary files and plots; returns what was written."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise NanoLLMError(f"Sweep directory '{sweep_dir}' does not exist; pass outputs/multirun/<date>/<time>.")
+        problem = "is not a directory" if sweep_dir.exists() else "does not exist"
+        raise NanoLLMError(f"Sweep directory '{sweep_dir}' {problem}; pass outputs/multirun/<date>/<time>.")
     runs = collect_runs(sweep_dir)
     if not runs:
         raise NanoLLMError(

@@ -17,10 +17,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from nanollm.checkpointing import (
+    BEST_FILES,
     NANOLLM_KEY,
     architecture_mismatch,
     check_run_ownership,
     checked_model_config,
+    checkpoint_step,
     list_checkpoints,
     load_model_weights,
     read_checkpoint,
@@ -28,6 +30,7 @@ from nanollm.checkpointing import (
 )
 from nanollm.config import MODEL_KEYS
 from nanollm.errors import NanoLLMError
+from nanollm.locking import claim_directory
 from nanollm.model import ModelConfig, TransformerLanguageModel
 from nanollm.tokenizer import CharTokenizer
 
@@ -80,11 +83,13 @@ def is_explicit(key: str, explicit: set[str]) -> bool:
 def plan_start(cfg: DictConfig, own_dirs: list[Path], warn=print) -> dict[str, Any]:
     """Rank 0's decisions, as plain data: the run directory, the checkpoint to start from, the seed."""
     _check_writable_directory(own_dirs[0], "checkpoint_dir")
+    claim_directory(own_dirs[0])  # before the checks below, so no other run can start here in between
     outputs = Path(cfg.outputs_dir)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None and requeued_by_slurm(own_dirs):
         ckpt_path = "last"  # the same job, restarted: continue it from its newest good checkpoint
-    found = resolve_checkpoint(ckpt_path, own_dirs, outputs, warn)
+    # A sweep job continues its own run only: another job's checkpoint is another run's.
+    found = resolve_checkpoint(ckpt_path, own_dirs, outputs, warn, own_run_only=in_multirun())
     resume_from = found[0] if found else None
     check_run_ownership(own_dirs, resume_from)
     init_from = None
@@ -101,6 +106,14 @@ def plan_start(cfg: DictConfig, own_dirs: list[Path], warn=print) -> dict[str, A
         "init_from": str(init_from) if init_from else None,
         "seed": int(seed),
     }
+
+
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra sweep (`python train.py -m ...`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def requeued_by_slurm(own_dirs: list[Path]) -> bool:
@@ -132,6 +145,8 @@ def load_start(cfg: DictConfig, plan: dict[str, Any], explicit: set[str]) -> Sta
         config, changes = with_recipe(cfg, saved.get("config") or {}, explicit)
         with_architecture(config, saved["model"], explicit)
         _check_architecture(path, saved, config, "Resume")
+        _check_steps_left(path, checkpoint, config)
+        _check_no_later_states(path, checkpoint, config, changes)
         return Start(config, config.seed, "resume", path, checkpoint, _tokenizer(saved), changes)
     if plan["init_from"]:
         path = Path(plan["init_from"])
@@ -189,6 +204,36 @@ def _check_architecture(path: Path, saved: dict, config: DictConfig, action: str
         raise NanoLLMError(
             f"Checkpoint '{path}' has a different architecture than the config: {', '.join(mismatched)}. "
             f"{action} with the checkpoint's model settings (leave out the model keys), or start a new run."
+        )
+
+
+def _check_steps_left(path: Path, checkpoint: dict, config: DictConfig) -> None:
+    """Resuming a run that has already reached trainer.max_steps would train nothing and rewrite its results."""
+    step, max_steps = int(checkpoint["global_step"]), int(config.trainer.max_steps)
+    if step >= max_steps:
+        raise NanoLLMError(
+            f"'{path}' is at step {step} and trainer.max_steps is {max_steps}: there is nothing left to train "
+            "(nothing was changed). Give a larger trainer.max_steps to train longer."
+        )
+
+
+def _check_no_later_states(path: Path, checkpoint: dict, config: DictConfig, changes: list[str]) -> None:
+    """Resuming an earlier checkpoint of a run in the run's own directory with changed settings starts another
+    continuation, which would overwrite the later checkpoints of the first one. Unchanged, the resumed run
+    retraces its steps exactly and rewrites the same states."""
+    own_dirs = {Path(config.checkpoint_dir).resolve(), Path(config.run_dir).resolve()}
+    if not changes or path.resolve().parent not in own_dirs:
+        return
+    step = int(checkpoint["global_step"])
+    # best.ckpt is a copy of one of the run's states: a later one than the newest periodic checkpoint
+    # (a validation after it) is the continuing run's to replace.
+    later = [p for p in list_checkpoints(path.parent) if p.name not in BEST_FILES and (checkpoint_step(p) or 0) > step]
+    if later:
+        raise NanoLLMError(
+            f"'{path}' is at step {step}, and its directory holds later checkpoints of the run ({later[0].name}, ...) "
+            f"that resuming there with changed settings ({'; '.join(changes)}) would overwrite. Resume it into a "
+            "new run directory (leave out hydra.run.dir; in the Python API, another checkpoint_dir), or resume "
+            "the newest checkpoint (ckpt_path=last)."
         )
 
 

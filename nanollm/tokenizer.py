@@ -82,6 +82,8 @@ class CharTokenizer:
             raise NanoLLMError(
                 "The tokenizer has no vocabulary yet: call tokenizer.build_vocab('data/raw/sample.txt') first."
             )
+        if not isinstance(text, str):
+            raise NanoLLMError(f"{what} must be a string, got {text!r}.")
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = self._lut[codes]
         if ids.size and ids.min() < 0:
@@ -94,8 +96,15 @@ class CharTokenizer:
         return ids.astype(dtype, copy=False)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Token ids to text."""
-        return "".join(self.chars[int(i)] for i in ids)
+        """Token ids to text; an id outside the vocabulary is an error (a negative one would index from the end)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise NanoLLMError(
+                f"Token id {bad[0]} is outside the vocabulary (ids 0 to {self.vocab_size - 1}); "
+                "decode ids from this tokenizer or its model."
+            )
+        return "".join(self.chars[i] for i in ids)
 
     # ---- persistence --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -115,7 +124,15 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
         """Read a vocabulary written by `save`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise NanoLLMError(f"Cannot read the vocabulary file '{path}': {err.strerror or err}.") from None
+        except ValueError:  # not UTF-8 or not JSON
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("chars"), str):
+            raise NanoLLMError(f"'{path}' is not a vocabulary file written by CharTokenizer.save.")
+        return cls.from_dict(data)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharTokenizer) and self.chars == other.chars

@@ -30,6 +30,7 @@ from nanollm.distributed import shared_plan
 from nanollm.errors import NanoLLMError
 from nanollm.files import atomic_write_text
 from nanollm.generation import generate_text, usable_prompt
+from nanollm.locking import releasing_directories
 from nanollm.loggers import EXTRAS, log_final
 from nanollm.model import TransformerLanguageModel
 from nanollm.module import LanguageModelModule, perplexity
@@ -52,6 +53,7 @@ warnings.filterwarnings("ignore", message=".*when logging on epoch level in dist
 VAL_BATCH_TOKENS = 4096
 
 
+@releasing_directories
 def run(
     cfg: DictConfig,
     model: TransformerLanguageModel | None = None,
@@ -300,8 +302,12 @@ def _summary(cfg, module, datamodule, trainer, start: Start, added: int) -> str:
 def _results(cfg, module, trainer, training_time, final_path, interrupt, start: Start, added: int) -> dict[str, Any]:
     val_loss = module.val_history[-1]["val_loss"] if module.val_history else None
     steps_run = trainer.global_step
+    start_step = int(start.checkpoint["global_step"]) if start.kind == "resume" else 0
     # Each optimizer step consumes accumulate_grad_batches batches of data.batch_size windows.
-    tokens_seen = steps_run * trainer.accumulate_grad_batches * cfg.data.batch_size * cfg.model.context_length
+    tokens_per_step = trainer.accumulate_grad_batches * cfg.data.batch_size * cfg.model.context_length
+    tokens_seen = steps_run * tokens_per_step
+    # The speed of this invocation: a resumed run's earlier steps took time that training_time does not hold.
+    tokens_trained = (steps_run - start_step) * tokens_per_step
     best = min(module.val_history, key=lambda h: h["val_loss"], default=None)
     best_callback = _best_checkpoint_callback(trainer)
     return {
@@ -319,10 +325,10 @@ def _results(cfg, module, trainer, training_time, final_path, interrupt, start: 
         "init_from": str(start.path) if start.kind == "init" else None,
         "added_characters": added,
         "training_time_seconds": round(training_time, 3),
-        "start_step": int(start.checkpoint["global_step"]) if start.kind == "resume" else 0,
+        "start_step": start_step,
         "global_step": steps_run,
         "tokens_seen": tokens_seen,
-        "tokens_per_second": tokens_seen / training_time if training_time > 0 else None,
+        "tokens_per_second": tokens_trained / training_time if training_time > 0 else None,
         "final_train_loss": module.last_train_loss,
         "final_val_loss": val_loss,
         "final_val_perplexity": perplexity(val_loss),

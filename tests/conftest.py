@@ -150,8 +150,10 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     """Non-zero exit, no traceback, and a one-line `error:` message naming the problem."""
     assert result.returncode != 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
+    assert not "".join(lines[lines.index(errors[0]) + 1 :]).strip(), result.stderr  # the message is one line
     for fragment in fragments:
         assert fragment.lower() in errors[0].lower(), errors[0]
 

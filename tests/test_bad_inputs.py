@@ -7,6 +7,7 @@ as a subprocess, to show the two agree.
 """
 
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def _nan_weights(checkpoint):
     checkpoint["state_dict"]["model.final_norm.weight"][0] = math.nan
 
 
+def _learned_positions(checkpoint):
+    model = checkpoint["nanollm"]["model"]
+    model["position_encoding"] = "learned"
+    shape = (model["context_length"], model["embedding_dim"])
+    checkpoint["state_dict"]["model.position_embedding.weight"] = torch.zeros(shape)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, trained_run):
     """Bad data files, copies of a finished run and crafted checkpoints, shared by the cases."""
@@ -54,6 +62,8 @@ def workspace(tmp_path_factory, trained_run):
     crafted(good, ws / "no_model.ckpt", lambda c: c["nanollm"].pop("model"))
     crafted(good, ws / "nan.ckpt", _nan_weights)
     crafted(good, ws / "absurd.ckpt", lambda c: c["nanollm"]["model"].update(embedding_dim=2**30, num_heads=2))
+    crafted(good, ws / "learned.ckpt", _learned_positions)
+    (ws / "random.ckpt").write_bytes(random.Random(0).randbytes(5000))
     (ws / "no_best").mkdir()
     (ws / "new_letters.txt").write_text("Only new letters: ÆØÅ æøå " * 100, encoding="utf-8")
     return ws
@@ -70,6 +80,8 @@ MALFORMED = {  # checkpoints that load safely but cannot be used: each named wit
     "NaN weights": ("nan.ckpt", ["nan.ckpt", "NaN/Inf weights", "earlier checkpoint"]),
     "absurd sizes": ("absurd.ckpt", ["absurd.ckpt", "inconsistent", "embedding_dim"]),
 }
+# torch's own message for such bytes spans lines and advises weights_only=False, which could run code.
+RANDOM_BYTES = ["random.ckpt", "damaged or not a checkpoint file"]
 TRAIN_CASES = {
     # data
     "missing file": (["data.path={ws}/missing.txt"], ["missing.txt", "does not exist"]),
@@ -79,6 +91,7 @@ TRAIN_CASES = {
     "shorter than context": (["data.path={ws}/short.txt"], ["context_length"]),
     "directory without text": (["data.path={ws}/no_text"], ["no files matching '**/*.txt'", "data.glob"]),
     "cache directory under a file": (["data.cache_dir={ws}/one.txt/cache"], ["data.cache_dir", "Not a directory"]),
+    "device file as data": (["data.path=/dev/null"], ["/dev/null", "not a regular file or a directory"]),
     # values
     "heads do not divide width": (["model.num_heads=3"], ["model.embedding_dim (16)", "model.num_heads (3)"]),
     "zero width": (["model.embedding_dim=0"], ["model.embedding_dim", "positive integer"]),
@@ -108,9 +121,31 @@ TRAIN_CASES = {
     "zero sample top_k": (["sample.top_k=0"], ["sample.top_k", ">= 1"]),
     "negative sample length": (["sample.max_new_tokens=-1"], ["sample.max_new_tokens", ">= 0"]),
     "unknown sample beyond_context": (["sample.beyond_context=slide"], ["sample.beyond_context", "recompute, rolling"]),
+    "null sample prompt": (["sample.prompt=null"], ["sample.prompt must be text", "None", 'sample.prompt="1e3"']),
+    "number as sample prompt": (["sample.prompt=123"], ["sample.prompt must be text", "123"]),
+    "text as early-stopping patience": (
+        ["callbacks=early_stopping", "callbacks.early_stopping.patience=abc"],
+        ["callbacks.early_stopping.patience", ">= 0", "'abc'"],
+    ),
+    "negative early-stopping patience": (
+        ["callbacks=early_stopping", "callbacks.early_stopping.patience=-1"],
+        ["callbacks.early_stopping.patience", "-1"],
+    ),
+    "text as early-stopping min_delta": (
+        ["callbacks=early_stopping", "callbacks.early_stopping.min_delta=abc"],
+        ["callbacks.early_stopping.min_delta", "'abc'"],
+    ),
+    "text as early-stopping threshold": (
+        ["callbacks=early_stopping", "callbacks.early_stopping.stopping_threshold=abc"],
+        ["callbacks.early_stopping.stopping_threshold", "'abc'", "null"],
+    ),
+    # Requests the allocator refuses at once (petabytes): they fail fast without using memory.
+    "batch beyond memory": (["data.batch_size=1000000000000000"], ["out of memory", "data.batch_size"]),
+    "model beyond memory": (["model.ffn_hidden_dim=100000000000000"], ["out of memory", "smaller model"]),
     # Hydra and Lightning
     "unknown preset": (["model=huge"], ["unknown model 'huge'", "nano"]),
     "unknown trainer": (["trainer=tpu"], ["unknown trainer 'tpu'"]),
+    "unknown logger in a list": (["logger=[csv,bogus]"], ["unknown logger 'bogus'", "csv, many", "tensorboard"]),
     "unknown key": (["foo=1"], ["unknown config key 'foo'", "+foo="]),
     "unquoted comma": (["sample.prompt=Hi,", "you?"], ["could not parse the override", "quote"]),
     "comma in a value": (["sample.prompt=Hi, you?"], ["has a comma", 'sample.prompt="Hi, you?"']),
@@ -121,6 +156,7 @@ TRAIN_CASES = {
     # checkpoints
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["nope.ckpt", "does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged.ckpt", "damaged"]),
+    "random bytes as checkpoint": (["ckpt_path={ws}/random.ckpt"], RANDOM_BYTES),
     "text file as checkpoint": ([f"ckpt_path={SAMPLE}"], ["sample.txt", "not a checkpoint"]),
     "foreign checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["foreign.ckpt", "not a nanollm checkpoint"]),
     "other architecture": (
@@ -132,7 +168,7 @@ TRAIN_CASES = {
         ["ckpt_path=best found no best.ckpt"],
     ),
     "new text for a resume": (
-        [f"ckpt_path={DONE}", "data.path={ws}/new_letters.txt"],
+        [f"ckpt_path={DONE}", "data.path={ws}/new_letters.txt", "trainer.max_steps=40"],
         ["different character set", "init_from="],
     ),
     "init_from a missing file": (["init_from={ws}/nope.ckpt"], ["nope.ckpt", "does not exist"]),
@@ -148,11 +184,20 @@ TRAIN_CASES = {
         ["hydra.run.dir={ws}/done", "ckpt_path={ws}/other/checkpoints/last.ckpt"],
         ["holds checkpoints of another run", "hydra.run.dir={ws}/other ckpt_path=last"],
     ),
+    "resuming a finished run": (
+        ["hydra.run.dir={ws}/done", "ckpt_path=last"],
+        ["is at step 20", "nothing left to train", "larger trainer.max_steps"],
+    ),
+    "a changed resume of an earlier checkpoint over the later ones": (
+        ["hydra.run.dir={ws}/done", "ckpt_path={ws}/done/checkpoints/checkpoint_step_10.ckpt", "optim.lr=0.01"],
+        ["checkpoint_step_10.ckpt", "later checkpoints", "optim.lr", "new run directory"],
+    ),
 }
 GENERATE_CASES = {
     "no checkpoint given": ([], ["ckpt_path is required"]),
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged"]),
+    "random bytes as checkpoint": (["ckpt_path={ws}/random.ckpt"], RANDOM_BYTES),
     "foreign checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["not a nanollm checkpoint"]),
     **{k: ([f"ckpt_path={{ws}}/{f}"], m) for k, (f, m) in MALFORMED.items()},
     "unseen prompt characters": ([f"ckpt_path={DONE}", "prompt='Zq~'"], ["prompt", "never saw", "'~'"]),
@@ -165,11 +210,25 @@ GENERATE_CASES = {
     "CUDA without a GPU": ([f"ckpt_path={DONE}", "device=cuda"], ["device=cuda", "no CUDA GPU", "device=cpu"]),
     "unknown beyond_context": ([f"ckpt_path={DONE}", "beyond_context=slide"], ["beyond_context", "recompute, rolling"]),
     "unknown key": ([f"ckpt_path={DONE}", "promt=x"], ["unknown config key 'promt'"]),
+    "null prompt": ([f"ckpt_path={DONE}", "prompt=null"], ["prompt must be text", "None", "quote"]),
+    "number as prompt": ([f"ckpt_path={DONE}", "prompt=1e3"], ["prompt must be text", "1000.0", 'prompt="1e3"']),
+    "true as prompt": ([f"ckpt_path={DONE}", "prompt=true"], ["prompt must be text", "True"]),
+    "text as use_cache": ([f"ckpt_path={DONE}", "use_cache=no"], ["use_cache", "true or false", "'no'"]),
+    # Requests the allocator refuses at once (petabytes): they fail fast without using memory.
+    "samples beyond memory": (
+        [f"ckpt_path={DONE}", "num_samples=1000000000000000", "max_new_tokens=5"],
+        ["out of memory", "num_samples"],
+    ),
+    "samples too long for memory": (
+        [f"ckpt_path={DONE}", "num_samples=2", "max_new_tokens=1000000000000000"],
+        ["out of memory", "max_new_tokens"],
+    ),
 }
 EVAL_CASES = {
     "no checkpoint given": ([], ["ckpt_path is required"]),
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["nope.ckpt", "does not exist"]),
     "foreign checkpoint": (["ckpt_path={ws}/foreign.ckpt"], ["not a nanollm checkpoint"]),
+    "random bytes as checkpoint": (["ckpt_path={ws}/random.ckpt"], RANDOM_BYTES),
     "text file as checkpoint": ([f"ckpt_path={SAMPLE}"], ["sample.txt", "not a checkpoint"]),
     "unseen characters": ([f"ckpt_path={DONE}", "data.path={ws}/new_letters.txt"], ["'Æ'", "eval.unknown=skip"]),
     "one character": ([f"ckpt_path={DONE}", "data.path={ws}/one.txt"], ["at least 2"]),
@@ -179,6 +238,16 @@ EVAL_CASES = {
     "unknown eval.method": ([f"ckpt_path={DONE}", "eval.method=beam"], ["eval.method", "windows, rolling"]),
     "no best checkpoint anywhere": (["ckpt_path=best", "outputs_dir={ws}/no_best"], ["found no best.ckpt"]),
     **{k: ([f"ckpt_path={{ws}}/{f}"], m) for k, (f, m) in MALFORMED.items()},
+    "empty data.path": ([f"ckpt_path={DONE}", "data.path="], ["data.path is empty"]),
+    "device file as data": ([f"ckpt_path={DONE}", "data.path=/dev/null"], ["not a regular file or a directory"]),
+    "output over an existing file": (
+        [f"ckpt_path={DONE}", "output={ws}/one.txt"],
+        ["output '{ws}/one.txt' already exists", "new file name"],
+    ),
+    "rolling on learned positions": (
+        ["ckpt_path={ws}/learned.ckpt", "eval.method=rolling"],
+        ["learned.ckpt", "learned position", "eval.method=windows"],
+    ),
 }
 # Run as real subprocesses too: the in-process runner must not hide what a new process shows.
 IN_A_SUBPROCESS = {"train: unknown preset", "train: zero accumulation", "generate: NaN weights", "eval: one character"}
@@ -234,9 +303,37 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         (lambda: generate_text(model, tokenizer, "xyz", max_length=5), "never saw"),
         (lambda: generate_text(model, tokenizer, "abc", max_length=5, temperature=0), "temperature"),
         (lambda: CharTokenizer().encode("abc"), "build_vocab"),
+        (lambda: generate_text(model, tokenizer, "abc", max_length=5, temperature=math.nan), "temperature"),
+        (lambda: generate_text(model, tokenizer, "abc", max_length=5, temperature=math.inf), "temperature"),
+        (lambda: generate_text(model, tokenizer, "abc", max_length=5, seed=-1), "seed"),
+        (lambda: generate_text(model, tokenizer, "abc", max_length=5, seed="x"), "seed"),
+        (lambda: generate_text(model, tokenizer, "abc", max_length=5, top_k=True), "top_k"),
+        (lambda: generate_text(model, tokenizer, None, max_length=5), "prompt must be a string"),
+        (lambda: generate_text(model, tokenizer, 5, max_length=5), "prompt must be a string"),
+        (lambda: train_with_config(model, [0, 1] * 50, {"checkpoint_dir": None}), "checkpoint_dir"),
+        (lambda: train_with_config(model, [0, 1] * 50, None), "config must be a dict"),
+        (lambda: load_checkpoint(None, model), "checkpoint file path"),
+        (lambda: CharTokenizer.load(workspace / "short.txt"), "not a vocabulary file"),
+        (lambda: tokenizer.decode([9999]), "9999"),
+        (lambda: tokenizer.decode([-1]), "-1"),
     ]
     for call, message in cases:
         with pytest.raises(NanoLLMError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "err, out_of_memory",
+    [
+        (MemoryError("Unable to allocate 7.11 PiB for an array"), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB."), True),  # a GPU's
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."), True),
+        (RuntimeError("shape '[2, 3]' is invalid for input of size 5"), False),  # a bug keeps its traceback
+    ],
+)
+def test_only_failed_allocations_count_as_out_of_memory(err, out_of_memory):
+    from nanollm.cli import is_out_of_memory
+
+    assert is_out_of_memory(err) == out_of_memory

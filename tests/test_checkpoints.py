@@ -51,7 +51,8 @@ def test_best_checkpoint_early_stopping_and_keeping_the_newest_k(tmp_path):
     # ckpt_path=best: generate.py samples from it, and a new run resumes from it.
     generated = run_cli("generate.py", ["ckpt_path=best", f"outputs_dir={tmp_path}", "max_new_tokens=10"])
     assert generated.returncode == 0, generated.stderr
-    resumed = run_cli("train.py", train_args(tmp_path, "ckpt_path=best", f"outputs_dir={tmp_path}", run="more"))
+    more = ["ckpt_path=best", f"outputs_dir={tmp_path}", f"trainer.max_steps={last + 10}"]
+    resumed = run_cli("train.py", train_args(tmp_path, *more, run="more"))
     assert resumed.returncode == 0, resumed.stderr
     assert read_results(tmp_path / "more")["start_step"] == best["step"]
 

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from nanollm.api import compose_config
-from tests.conftest import LOGGED_SCALARS, ROOT, TINY, run_cli
+from tests.conftest import LOGGED_SCALARS, ROOT, SAMPLE, TINY, run_cli
 
 SWEEP_TINY = [o for o in TINY if not o.startswith("model.context_length")] + [
     "trainer.max_steps=10",
@@ -119,6 +119,17 @@ def test_report_command_rewrites_the_report_and_rejects_a_non_sweep(context_swee
         [sys.executable, "-m", "nanollm.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error: No results.json") and "Traceback" not in bad.stderr
+
+
+def test_report_command_names_a_file_as_not_a_sweep_directory(capsys):
+    from nanollm.report import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(SAMPLE)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: Sweep directory '{SAMPLE}' is not a directory; pass outputs/multirun/<date>/<time>.\n"
+    )
 
 
 @pytest.mark.parametrize(

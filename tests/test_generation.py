@@ -160,6 +160,36 @@ def test_batched_greedy_samples_each_equal_the_greedy_text(model_and_tokenizer):
     assert generate_batch(model, tok.encode("ab"), 3, 40, top_k=1) == [greedy] * 3
 
 
+@pytest.mark.parametrize("beyond_context", ["recompute", "rolling"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_history_moving_to_its_front_changes_no_token(model_and_tokenizer, monkeypatch, beyond_context, use_cache):
+    # With room for 5 new tokens the history moves every 5 steps; the default room (HISTORY_CHUNK)
+    # never fills in 70. A 60-character prompt is longer than the window: only its end is kept.
+    import nanollm.generation as generation
+
+    _, tok = model_and_tokenizer
+    model = sharp_model(tok)
+    prompt = tok.encode(("abcdefghij klmnop" * 4)[:60])
+    settings = dict(top_k=6, use_cache=use_cache, beyond_context=beyond_context)
+    texts = []
+    for room in (generation.HISTORY_CHUNK, 5):
+        monkeypatch.setattr(generation, "HISTORY_CHUNK", room)
+        texts.append(generate_batch(model, prompt, 2, 70, generator=make_generator(3), **settings))
+    assert texts[0] == texts[1]
+    if beyond_context == "recompute":  # each step read exactly the last 24 tokens
+        context = prompt.copy()
+        for token in generate_tokens(model, prompt, 40, top_k=1, use_cache=use_cache):
+            assert token == int(model(torch.tensor([context[-24:]]))[0][0, -1].argmax())
+            context.append(token)
+
+
+def test_a_long_request_streams_without_allocating_its_length(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    steps = generate_tokens(model, tok.encode("ab"), 10**15, generator=make_generator(0))
+    assert len([next(steps) for _ in range(30)]) == 30  # 8 PB of history would fail at once
+    steps.close()
+
+
 def test_top_k_only_ever_picks_among_each_rows_k_most_likely():
     logits = torch.tensor([[2.0, 0.5, 1.5, -1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 1.5, 0.5, 2.0]])
     rows = logits.repeat(1000, 1)  # 2000 draws, the two orderings alternating

@@ -88,6 +88,10 @@ def test_a_signal_mid_step_then_resume_matches_an_uninterrupted_run(
     ours, theirs = read_results(tmp_path / "run"), read_results(uninterrupted)
     for key in ("final_train_loss", "final_val_loss", "global_step", "val_history"):
         assert ours[key] == theirs[key], key
+    # The resumed invocation's speed: its own steps over its own time (the earlier steps' time is not in it).
+    tokens_per_step = ours["tokens_seen"] / ours["global_step"]
+    trained = (ours["global_step"] - ours["start_step"]) * tokens_per_step
+    assert ours["tokens_per_second"] == pytest.approx(trained / ours["training_time_seconds"], rel=0.05)
 
 
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_good_one(trained_run, tmp_path):

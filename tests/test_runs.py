@@ -2,6 +2,7 @@
 directories, re-running a saved config, loggers, the progress bar and --help."""
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from nanollm.config import claim_unique_dir
-from tests.conftest import ROOT, TINY, needs_extra, read_results, run_cli, train_args
+from tests.conftest import ROOT, TINY, assert_user_error, needs_extra, read_results, run_cli, train_args
 
 
 def test_a_run_directory_is_claimed_once_even_when_its_name_is_taken(tmp_path):
@@ -143,3 +144,45 @@ def test_tokens_per_second_leaves_out_validation_time(tmp_path):
     # as long as their 5 training steps: counted as training time, it would cut their rate by that much. The
     # bound leaves room for a loaded machine (intervals this short vary by 2x under load).
     assert min(rates[15], rates[25]) > 0.25 * min(rates[20], rates[30]), rates
+
+
+def test_a_directory_in_use_by_a_live_run_is_refused_until_that_run_ends(tmp_path):
+    # Another run holds the directory before it has saved anything: no checkpoint tells that it is there.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from nanollm.locking import claim_directory; "
+         "claim_directory(sys.argv[1]); print('held', flush=True); sys.stdin.read()", str(checkpoints)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = run_cli("train.py", train_args(tmp_path))
+        assert_user_error(refused, str(checkpoints), "in use by another run", "hydra.run.dir")
+        assert not list(checkpoints.iterdir()) and not (tmp_path / "run" / "results.json").exists()
+    finally:
+        holder.communicate("")  # that run ends: the kernel drops its lock with its process
+    assert run_cli("train.py", train_args(tmp_path)).returncode == 0
+
+
+def test_a_sweep_run_again_or_resumed_keeps_every_jobs_own_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path / 'c'}",
+            f"outputs_dir={tmp_path / 'outputs'}"]  # fmt: skip
+    assert run_cli("train.py", args).returncode == 0
+    first_job = {p: p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file() and p.suffix in (".json", ".ckpt")}
+    shutil.rmtree(sweep / "1")  # a job the interrupted sweep never reached
+
+    # Resumed as an interrupted sweep says: the finished job has nothing left to train and keeps its files;
+    # the job that never ran starts from the beginning, not from the other job's checkpoint.
+    resumed = run_cli("train.py", [*args, "ckpt_path=last"])
+    assert "nothing left to train" in resumed.stderr
+    second = read_results(sweep / "1")
+    assert (second["status"], second["seed"], second["resumed_from"]) == ("completed", 2, None)
+
+    # Run again as it was: both jobs are refused their directories, and their results stay.
+    second_job = (sweep / "1" / "results.json").read_bytes()
+    again = run_cli("train.py", args)
+    assert again.stderr.count("already holds checkpoints of another run") == 2
+    assert {p: p.read_bytes() for p in first_job} == first_job
+    assert (sweep / "1" / "results.json").read_bytes() == second_job

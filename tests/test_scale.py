@@ -260,3 +260,13 @@ def test_optuna_search_minimises_the_validation_loss(tmp_path):
     assert "optim.lr" in best and "model.dropout" in best and "best_value" in best
     losses = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["final_val_loss"] for i in (0, 1)]
     assert f"best_value: {min(losses)}" in best
+
+
+@needs_extra("hydra_plugins.hydra_optuna_sweeper", "sweeps")
+def test_an_optuna_search_whose_every_trial_fails_ends_with_one_line(tmp_path):
+    args = ["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *TINY, "model.num_heads=3"]
+    result = run_cli("train.py", [*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"data.cache_dir={tmp_path}"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and all("model.num_heads (3)" in line for line in errors[:2])  # one per trial
+    assert errors[2].startswith("error: no trial of the sweep completed")
