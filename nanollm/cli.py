@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 import nanollm.config  # noqa: F401  (registers the OmegaConf resolvers conf/ uses)
 from nanollm.errors import NanoLLMError, SweepError, TrainingInterrupted
 from nanollm.files import atomic_write_text
+from nanollm.start import in_multirun
 
 _job_started = False  # set once Hydra has composed the config and the command runs
 
@@ -60,7 +61,7 @@ def exit_on_user_error(
 
 def _user_error(cfg: DictConfig, err: NanoLLMError) -> None:
     _print_once(f"error: {err}")
-    if _in_multirun() and not isinstance(err, (TrainingInterrupted, SweepError)):
+    if in_multirun() and not isinstance(err, (TrainingInterrupted, SweepError)):
         _record_failed_job(cfg, err)
         return None
     sys.exit(err.exit_code)
@@ -185,13 +186,6 @@ def _group_options(err: Exception, group: str) -> list[str]:
     return sorted({path.stem for directory in directories for path in Path(directory, group).glob("*.yaml")})
 
 
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def _record_failed_job(cfg: DictConfig, err: Exception) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -232,7 +226,7 @@ def train_command(cfg: DictConfig) -> float | None:
 
     quiet_lightning()
     hydra_cfg = HydraConfig.get()
-    if _in_multirun():
+    if in_multirun():
         check_multirun_can_launch(cfg.trainer)
         if "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower():
             share_machine_among_parallel_jobs(cfg.trainer, hydra_cfg.launcher, hydra_cfg.job.num)
@@ -258,7 +252,7 @@ def train_command(cfg: DictConfig) -> float | None:
 def _resume_overrides(hydra_cfg) -> str:
     """What to add to the command to continue it: a sweep must also be pointed at its own directory,
     where each job continues from its own checkpoint (jobs that never started start then)."""
-    if not _in_multirun() or any(o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
+    if not in_multirun() or any(o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
         return "ckpt_path=last"
     return f"ckpt_path=last hydra.sweep.dir={hydra_cfg.sweep.dir}"
 
