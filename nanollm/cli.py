@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -219,20 +220,25 @@ def train_command(cfg: DictConfig) -> float | None:
 
     from nanollm.config import validate_config
 
-    validate_config(cfg)  # before the heavy imports, so config mistakes fail in a second
-    from nanollm.distributed import check_multirun_can_launch, share_machine_among_parallel_jobs
-    from nanollm.start import explicit_keys
-    from nanollm.training import run
-
-    quiet_lightning()
     hydra_cfg = HydraConfig.get()
-    if in_multirun():
-        check_multirun_can_launch(cfg.trainer)
-        if "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower():
-            share_machine_among_parallel_jobs(cfg.trainer, hydra_cfg.launcher, hydra_cfg.job.num)
-    if cfg.run_dir is None:
-        cfg.run_dir = hydra_cfg.runtime.output_dir
-    results = run(cfg, echo=_log_run, explicit=explicit_keys(hydra_cfg.overrides.task))
+    try:
+        validate_config(cfg)  # before the heavy imports, so config mistakes fail in a second
+        from nanollm.distributed import check_multirun_can_launch, share_machine_among_parallel_jobs
+        from nanollm.start import explicit_keys
+        from nanollm.training import run
+
+        quiet_lightning()
+        if in_multirun():
+            check_multirun_can_launch(cfg.trainer)
+            if "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower():
+                share_machine_among_parallel_jobs(cfg.trainer, hydra_cfg.launcher, hydra_cfg.job.num)
+        if cfg.run_dir is None:
+            cfg.run_dir = hydra_cfg.runtime.output_dir
+        results = run(cfg, echo=_log_run, explicit=explicit_keys(hydra_cfg.overrides.task))
+    except (NanoLLMError, KeyboardInterrupt):
+        if not _run_logged:
+            _discard_unstarted_run_dir(hydra_cfg)
+        raise
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:  # under DDP every process returns here; one report is enough
@@ -247,6 +253,17 @@ def train_command(cfg: DictConfig) -> float | None:
             exit_code=128 + signum,
         )
     return results["final_val_loss"]
+
+
+def _discard_unstarted_run_dir(hydra_cfg) -> None:
+    """A run stopped before it started (a bad input) leaves no directory: the one claimed for it holds only
+    its config snapshot and empty directories. Never a directory the user named (hydra.run.dir), which
+    may be another run's, nor a sweep job's, which records the failure."""
+    if in_multirun() or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):
+        return
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if run_dir.is_dir() and all(p.is_dir() or p.relative_to(run_dir).parts[0] == ".hydra" for p in run_dir.rglob("*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _resume_overrides(hydra_cfg) -> str:

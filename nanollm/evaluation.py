@@ -9,6 +9,7 @@ sees at least `context_length - stride` characters before it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -171,12 +172,14 @@ def checkpoints_in_directory(directory: Path) -> tuple[list[Path], bool]:
     own = _best_or_last(directory / "checkpoints") or _best_or_last(directory)
     if own is not None:
         return [own], False
-    jobs = sorted((p for p in directory.iterdir() if (p / "checkpoints").is_dir()), key=_natural_key)
+    # A sweep's jobs: every one has a results.json (a failed one too) or checkpoints.
+    jobs = [p for p in directory.iterdir() if (p / "checkpoints").is_dir() or (p / "results.json").is_file()]
     picks = []
-    for job in jobs:
+    for job in sorted(jobs, key=_natural_key):
         pick = _best_or_last(job / "checkpoints")
         if pick is None:
-            print(f"warning: skipping {job}: no checkpoints/{BEST_NAME} or checkpoints/{LAST_NAME}.", file=sys.stderr)
+            print(f"warning: skipping {job}: no checkpoints/{BEST_NAME} or checkpoints/{LAST_NAME}{_failed(job)}.",
+                  file=sys.stderr)  # fmt: skip
         else:
             picks.append(pick)
     if not picks:
@@ -185,6 +188,15 @@ def checkpoints_in_directory(directory: Path) -> tuple[list[Path], bool]:
             "subdirectories with one. Pass a run directory, a sweep directory (outputs/multirun/<date>/<time>) or a .ckpt file."
         )
     return picks, True
+
+
+def _failed(job: Path) -> str:
+    """`` (the job failed: <its error>)`` when the job's results.json records a failure."""
+    try:
+        results = json.loads((job / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return f" (the job failed: {results.get('error')})" if results.get("status") == "failed" else ""
 
 
 def _best_or_last(checkpoint_dir: Path) -> Path | None:

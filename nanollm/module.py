@@ -175,11 +175,21 @@ class LanguageModelModule(L.LightningModule):
         finite = torch.isfinite(self._interval_losses[: self._interval_steps])
         if not bool(finite.all()):
             step = self._interval_first_step + int((~finite).nonzero()[0]) // self.trainer.accumulate_grad_batches
-            lr = self.optim["lr"]
             raise NonFiniteLossError(
                 f"Loss became NaN/Inf at step {step}; training stopped and no checkpoint of the diverged weights was saved. "
-                f"Lower the learning rate (e.g. optim.lr={lr / 10:g}) and resume from the last checkpoint."
+                f"{self._after_divergence()}"
             )
+
+    def _after_divergence(self) -> str:
+        """What to do after the run diverged: resume from its last good checkpoint, if it has one."""
+        lower = f"Lower the learning rate (e.g. optim.lr={self.optim['lr'] / 10:g})"
+        saved = self.trainer.ckpt_path is not None or any(
+            getattr(c, "last_model_path", "") or getattr(c, "best_model_path", "")
+            for c in self.trainer.checkpoint_callbacks
+        )
+        if saved:
+            return f"{lower} and resume from the last checkpoint (ckpt_path=last)."
+        return f"{lower} and start again: no checkpoint was saved before it diverged."
 
     # ---- validation ---------------------------------------------------------------------
     def on_validation_start(self) -> None:
@@ -270,8 +280,7 @@ class LanguageModelModule(L.LightningModule):
         self.check_finite()
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLossError(
-                f"Weights became NaN/Inf by step {self.global_step}; no checkpoint was written. "
-                f"Lower the learning rate (e.g. optim.lr={self.optim['lr'] / 10:g}) and resume from the last checkpoint."
+                f"Weights became NaN/Inf by step {self.global_step}; no checkpoint was written. {self._after_divergence()}"
             )
         checkpoint[NANOLLM_KEY] = {
             "format_version": FORMAT_VERSION,

@@ -241,6 +241,26 @@ def _tokenizer(saved: dict) -> CharTokenizer | None:
     return CharTokenizer.from_dict(saved["tokenizer"]) if saved.get("tokenizer") else None
 
 
+# A run's settings saved as a primary config need the Hydra settings train.yaml selects (run directories,
+# job logging); `--config-dir <run>` keeps conf/ in the search path, where these are found.
+RERUN_DEFAULTS = [{"hydra": "default"}, "_self_", {"override hydra/job_logging": "nanollm"}]
+
+
+def rerun_config(start: Start) -> str:
+    """The settings the run trains with, as a config that trains them again as a new run:
+    `python train.py --config-dir <run> --config-name run_config`.
+
+    They are the effective settings (a resumed run's include its checkpoint's recipe, which its
+    command line did not repeat), with the seed the run used and no run directory or checkpoint to
+    resume; fine-tuning names its checkpoint file (`last` would find another one later).
+    """
+    config = OmegaConf.to_container(start.config, resolve=False)
+    config.update(run_dir=None, ckpt_path=None, seed=start.seed)
+    if start.kind == "init":
+        config["init_from"] = str(start.path.resolve())
+    return OmegaConf.to_yaml({"defaults": RERUN_DEFAULTS, **config})
+
+
 def start_weights(config: ModelConfig, start: Start) -> TransformerLanguageModel:
     """The model a run begins with. Fine-tuning copies the checkpoint's weights; the embedding rows of
     characters the checkpoint's vocabulary lacked keep their fresh initialisation (the tied output

@@ -34,7 +34,7 @@ from nanollm.locking import releasing_directories
 from nanollm.loggers import EXTRAS, log_final
 from nanollm.model import TransformerLanguageModel
 from nanollm.module import LanguageModelModule, perplexity
-from nanollm.start import Start, load_start, plan_start, start_weights
+from nanollm.start import Start, load_start, plan_start, rerun_config, start_weights
 from nanollm.tokenizer import CharTokenizer
 
 # Our batches come from vectorised indexing into a memmap; worker processes would only add IPC.
@@ -99,6 +99,8 @@ def run(
 
     if trainer.is_global_zero:
         echo(_summary(cfg, module, datamodule, trainer, start, added))
+        if results_file:  # the runbook API's directory holds its checkpoints alone
+            atomic_write_text(Path(cfg.run_dir) / "run_config.yaml", rerun_config(start), what="run config")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(start), weights_only=True)
     training_time = time.perf_counter() - started

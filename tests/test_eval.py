@@ -102,7 +102,7 @@ def test_unseen_characters_are_named_or_skipped_and_counted():
         encode_text(tokenizer, "axyz", "skip", "t.txt")
 
 
-def test_sweep_and_run_directories_pick_best_else_last(tmp_path):
+def test_sweep_and_run_directories_pick_best_else_last(tmp_path, capsys):
     sweep = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
     jobs = {"0": ["last.ckpt"], "1": ["best.ckpt", "last.ckpt"], "2": ["last.ckpt"], "3": [], "10": ["last.ckpt"]}
     for job, names in jobs.items():
@@ -110,13 +110,19 @@ def test_sweep_and_run_directories_pick_best_else_last(tmp_path):
         for name in names:
             (sweep / job / "checkpoints" / name).touch()
     (sweep / "multirun.yaml").touch()
+    # A job that failed at start-up has its results.json and no checkpoints/: it is named, not passed over.
+    (sweep / "4").mkdir()
+    (sweep / "4" / "results.json").write_text('{"status": "failed", "error": "model.num_heads (3) ..."}')
     picks = [
         "0/checkpoints/last.ckpt",
         "1/checkpoints/best.ckpt",
         "2/checkpoints/last.ckpt",
         "10/checkpoints/last.ckpt",
     ]
-    assert checkpoints_in_directory(sweep) == ([sweep / p for p in picks], True)  # job 3 has none: skipped
+    assert checkpoints_in_directory(sweep) == ([sweep / p for p in picks], True)  # jobs 3 and 4 have none: skipped
+    warnings = capsys.readouterr().err.splitlines()
+    assert [w.split(":")[1].strip().rsplit("/", 1)[-1] for w in warnings] == ["3", "4"]
+    assert "(the job failed: model.num_heads (3) ...)" in warnings[1]
     assert checkpoints_in_directory(sweep / "1") == ([sweep / "1/checkpoints/best.ckpt"], False)
     with pytest.raises(NanoLLMError, match="no checkpoints/best.ckpt"):
         checkpoints_in_directory(sweep / "3")

@@ -173,7 +173,8 @@ def test_nan_loss_stops_at_once_naming_the_step(tmp_path):
     result = run_cli(
         "train.py", train_args(tmp_path, "optim.lr=1e30", "trainer.gradient_clip_val=null", "optim.warmup_steps=0")
     )
-    assert_user_error(result, "Loss became NaN/Inf at step 1;", "Lower the learning rate")
+    # Nothing was saved before step 1: the advice is to start again, not to resume.
+    assert_user_error(result, "Loss became NaN/Inf at step 1;", "Lower the learning rate", "start again")
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
@@ -183,7 +184,12 @@ def test_diverged_weights_are_never_checkpointed_and_the_last_good_checkpoint_st
     fault = ["+callbacks.fault._target_=tests.faults.InfiniteLearningRateAt", "+callbacks.fault.step=12"]
     args = [*fault, "checkpoint_interval=3", "trainer.log_every_n_steps=10", "trainer.gradient_clip_val=null"]
     result = run_cli("train.py", train_args(tmp_path, *args))
-    assert_user_error(result, "Weights became NaN/Inf by step 12; no checkpoint was written", "Lower the learning rate")
+    assert_user_error(
+        result,
+        "Weights became NaN/Inf by step 12; no checkpoint was written",
+        "Lower the learning rate",
+        "ckpt_path=last",
+    )
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("checkpoint_step_*")) == [
         "checkpoint_step_3.ckpt",

@@ -74,14 +74,23 @@ def test_a_preset_from_the_users_own_config_directory_trains(tmp_path):
 
 
 def test_a_runs_saved_config_trains_the_same_run_again(trained_run, tmp_path):
-    (snapshot,) = (trained_run / ".hydra").iterdir()
-    again = run_cli(
-        "train.py",
-        ["--config-path", str(snapshot), "--config-name", "config", f"hydra.run.dir={tmp_path / 'again'}"],
-    )
+    # Resumed (from step 10, as after a crash) by a command line that repeats none of the run's settings:
+    # its composed config (.hydra/) holds the defaults, the run trains with its checkpoint's.
+    shutil.copytree(trained_run, tmp_path / "run")
+    halfway = tmp_path / "run" / "checkpoints" / "checkpoint_step_10.ckpt"
+    resumed = run_cli("train.py", [f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={halfway}"])
+    assert resumed.returncode == 0, resumed.stderr
+    # Trained again as a new run: its own directory under outputs_dir, as Hydra's run settings make it.
+    outputs = tmp_path / "outputs"
+    again = run_cli("train.py", ["--config-dir", str(tmp_path / "run"), "--config-name", "run_config",
+                                 f"outputs_dir={outputs}"])  # fmt: skip
     assert again.returncode == 0, again.stderr
-    first, second = read_results(trained_run), read_results(tmp_path / "again")
-    assert second["final_val_loss"] == first["final_val_loss"] and second["num_parameters"] == first["num_parameters"]
+    (new_run,) = outputs.glob("*/*")
+    assert (new_run / "train.log").is_file() and "run directory" in again.stdout and "[INFO]" not in again.stdout
+    first, second = read_results(tmp_path / "run"), read_results(new_run)
+    assert second["resumed_from"] is None and second["start_step"] == 0
+    for key in ("final_val_loss", "num_parameters", "global_step", "seed"):
+        assert second[key] == first[key], key
 
 
 @needs_extra("mlflow", "mlflow")
@@ -186,3 +195,11 @@ def test_a_sweep_run_again_or_resumed_keeps_every_jobs_own_run(tmp_path):
     assert again.stderr.count("already holds checkpoints of another run") == 2
     assert {p: p.read_bytes() for p in first_job} == first_job
     assert (sweep / "1" / "results.json").read_bytes() == second_job
+
+
+def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path):
+    outputs = tmp_path / "outputs"
+    args = [*TINY, f"outputs_dir={outputs}", f"data.path={tmp_path / 'missing.txt'}"]
+    assert_user_error(run_cli("train.py", args), "missing.txt", "does not exist")
+    assert not [p for p in outputs.rglob("*") if p.is_file()]
+    assert not list(outputs.glob("*/*"))  # the directory claimed for the run is gone with its config snapshot
