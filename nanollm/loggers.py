@@ -3,12 +3,36 @@ final metrics, each where that logger supports it (Lightning's loggers differ in
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 # The optional extra each tracker needs, for the error when it is missing.
 EXTRAS = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb"}
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to its metrics.csv: Lightning's writer
+    deletes an existing file, and with it every row the run logged before it was interrupted."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Keep the file; its columns are the keys rows are appended under (new ones rewrite the header).
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
 
 
 def log_text_sample(logger: Logger, text: str, step: int) -> None:

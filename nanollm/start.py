@@ -47,6 +47,8 @@ RECIPE = (
     "trainer.gradient_clip_val",
     "trainer.val_check_interval",
     "trainer.log_every_n_steps",
+    "trainer.precision",
+    "compile",
     "seed",
     "checkpoint_interval",
 )
@@ -143,6 +145,7 @@ def load_start(cfg: DictConfig, plan: dict[str, Any], explicit: set[str]) -> Sta
         checked_model_config(path, checkpoint)
         saved = checkpoint[NANOLLM_KEY]
         config, changes = with_recipe(cfg, saved.get("config") or {}, explicit)
+        with_logger_versions(config, saved.get("config") or {})
         with_architecture(config, saved["model"], explicit)
         _check_architecture(path, saved, config, "Resume")
         _check_steps_left(path, checkpoint, config)
@@ -176,6 +179,16 @@ def with_recipe(
             elif OmegaConf.select(config, key) != saved_value:
                 changes.append(f"{key}: {saved_value!r} -> {OmegaConf.select(config, key)!r}")
     return config, changes
+
+
+def with_logger_versions(config: DictConfig, saved: dict) -> None:
+    """A resumed run logs on as the same run: each logger keeps the run name (`version`) the run started
+    with, which a command line with other overrides (`trainer.max_steps=...`) would otherwise change."""
+    saved_loggers = saved.get("logger") or {}
+    for name, logger in (config.get("logger") or {}).items():
+        version = (saved_loggers.get(name) or {}).get("version")
+        if logger is not None and "version" in logger and version is not None:
+            logger.version = version
 
 
 def with_architecture(config: DictConfig, saved_model: dict, explicit: set[str]) -> None:

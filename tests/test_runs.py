@@ -203,3 +203,23 @@ def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path):
     assert_user_error(run_cli("train.py", args), "missing.txt", "does not exist")
     assert not [p for p in outputs.rglob("*") if p.is_file()]
     assert not list(outputs.glob("*/*"))  # the directory claimed for the run is gone with its config snapshot
+
+
+def test_a_resumed_run_logs_on_as_the_same_run_with_its_precision(tmp_path):
+    first = run_cli("train.py", train_args(tmp_path, "logger=many", "trainer.precision=bf16-mixed"))
+    assert first.returncode == 0, first.stderr
+    # Trained longer without restating its precision, and its loggers named another way: the run name built
+    # from these overrides differs, the run does not.
+    more = ["logger=[tensorboard,csv]", "ckpt_path=last", "trainer.max_steps=30"]
+    resumed = run_cli("train.py", train_args(tmp_path, *more))
+    assert resumed.returncode == 0, resumed.stderr
+    run = tmp_path / "run"
+    names = {p.name for p in (run / "tensorboard").iterdir()}
+    assert len(names) == 1 and names == {p.name for p in (run / "csv").iterdir()}
+    (metrics,) = (run / "csv").glob("*/metrics.csv")
+    with open(metrics, newline="") as handle:
+        logged = sorted({int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss")})
+    assert logged == [5, 10, 15, 20, 25, 30]  # the rows from before the resume are kept
+    results = read_results(run)
+    assert results["precision"] == "bf16-mixed" and results["resumed_with_changes"] == ["trainer.max_steps: 20 -> 30"]
+    assert "precision: bf16-mixed" in (run / "run_config.yaml").read_text()
