@@ -170,3 +170,13 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint(trained_run: Path) -> Path:
     return trained_run / "checkpoints" / "last.ckpt"
+
+
+# The modules whose tests start whole processes (DDP, two nodes, signals) take most of the suite's time.
+# Collected first, they are spread over the workers from the start instead of all landing at the end,
+# where one worker would run the last of them while the other waits.
+SLOW_FIRST = ("test_scale.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: the order within each part is kept
