@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a run is given up")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here (and the figures as .json)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.configs.split(",") if name and name not in CONFIGS]
+    if unknown:  # before the GPU check, so a typo is named on any machine
+        parser.error(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    if any("=" not in spec for spec in args.run):
+        parser.error("--run takes NAME='OVERRIDES', e.g. --run mine='model=large compile=true'")
     if not torch.cuda.is_available():
         sys.exit(
             "error: no CUDA GPU is visible: this benchmark measures the GPU path (python -m nanollm.bench for CPUs)."

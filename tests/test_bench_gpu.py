@@ -74,3 +74,17 @@ def test_the_report_is_written_after_every_run_and_with_no_runs_at_all(monkeypat
     assert "| mine |" in out.read_text() and len(json.loads(out.with_suffix(".json").read_text())["runs"]) == 2
     bench_gpu.main(["--configs", ""])
     assert "datasheet 989 TFLOP/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--configs", "large,nope"], "unknown --configs nope; choose from"),
+        (["--run", "mine"], "--run takes NAME='OVERRIDES'"),
+    ],
+)
+def test_a_mistyped_run_is_named_before_the_gpu_check(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the typo, not the machine, is the error
+    with pytest.raises(SystemExit) as exit_:
+        bench_gpu.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
