@@ -204,12 +204,14 @@ def test_fsdp_config_is_one_lightning_accepts_and_clips_over_every_shard():
 
 
 @needs_extra("hydra_plugins.hydra_submitit_launcher", "sweeps")
-def test_slurm_launcher_configs_compose():
+def test_slurm_launcher_configs_compose(tmp_path):
     from hydra import compose, initialize_config_dir
 
+    # Reading submitit_folder resolves hydra.sweep.dir, which claims (creates) it: under tmp_path, not outputs/.
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         for launcher in ("slurm", "submitit_slurm"):
-            cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            overrides = [f"hydra/launcher={launcher}", f"outputs_dir={tmp_path}"]
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
             assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
         assert cfg.hydra.launcher.submitit_folder.endswith(".submitit/%j")
 
