@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import nanollm.config  # noqa: F401  (registers the OmegaConf resolvers conf/ uses)
 from nanollm.errors import NanoLLMError, SweepError, TrainingInterrupted
-from nanollm.files import atomic_write_text
+from nanollm.files import atomic_write_text, remove_unused_run_dir
 from nanollm.start import in_multirun
 
 _job_started = False  # set once Hydra has composed the config and the command runs
@@ -259,17 +258,18 @@ def _discard_unstarted_run_dir(hydra_cfg) -> None:
     """A run stopped before it started (a bad input) leaves no directory: the one claimed for it holds only
     its config snapshot and empty directories. Never a directory the user named (hydra.run.dir), which
     may be another run's, nor a sweep job's, which records the failure."""
-    if in_multirun() or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):
-        return
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    if run_dir.is_dir() and all(p.is_dir() or p.relative_to(run_dir).parts[0] == ".hydra" for p in run_dir.rglob("*")):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if not in_multirun() and not _set_on_command_line(hydra_cfg, "hydra.run.dir"):
+        remove_unused_run_dir(Path(hydra_cfg.runtime.output_dir))
+
+
+def _set_on_command_line(hydra_cfg, key: str) -> bool:
+    return any(o.startswith(f"{key}=") for o in hydra_cfg.overrides.hydra)
 
 
 def _resume_overrides(hydra_cfg) -> str:
     """What to add to the command to continue it: a sweep must also be pointed at its own directory,
     where each job continues from its own checkpoint (jobs that never started start then)."""
-    if not in_multirun() or any(o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
+    if not in_multirun() or _set_on_command_line(hydra_cfg, "hydra.sweep.dir"):
         return "ckpt_path=last"
     return f"ckpt_path=last hydra.sweep.dir={hydra_cfg.sweep.dir}"
 

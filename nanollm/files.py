@@ -38,6 +38,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
         ) from None
 
 
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but Hydra's config snapshots (.hydra/) and empty
+    directories: one made for a run that never wrote anything."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and all(p.is_dir() or p.relative_to(run_dir).parts[0] == ".hydra" for p in run_dir.rglob("*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def atomic_copy(source: Path, target: Path) -> None:
     """Copy a file with the same write-then-rename guarantee."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from nanollm.corpus import DEFAULT_GLOB, EncodedCorpus
 from nanollm.data import CharDataModule
 from nanollm.distributed import shared_plan
 from nanollm.errors import NanoLLMError
-from nanollm.files import atomic_write_text
+from nanollm.files import atomic_write_text, remove_unused_run_dir
 from nanollm.generation import generate_text, usable_prompt
 from nanollm.locking import releasing_directories
 from nanollm.loggers import EXTRAS, log_final
@@ -123,15 +122,9 @@ def start_run(cfg: DictConfig, explicit: set[str]) -> Start:
     # The run directory too: Lightning's SLURM auto-requeue saves hpc_ckpt_<n>.ckpt there.
     own_dirs = list(dict.fromkeys([Path(cfg.checkpoint_dir), Path(cfg.run_dir)]))
     plan = shared_plan(cfg.trainer, lambda: plan_start(cfg, own_dirs))
-    if Path(plan["run_dir"]) != Path(cfg.run_dir):
-        _discard_unused_run_dir(Path(cfg.run_dir))
+    if Path(plan["run_dir"]) != Path(cfg.run_dir):  # another node's process: rank 0's directory replaces its own
+        remove_unused_run_dir(Path(cfg.run_dir))
     return load_start(cfg, plan, explicit)
-
-
-def _discard_unused_run_dir(run_dir: Path) -> None:
-    """Another node's process: its Hydra made a run directory of its own, which rank 0's replaces."""
-    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _resume_path(start: Start) -> str | None:
