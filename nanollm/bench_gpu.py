@@ -34,7 +34,7 @@ from nanollm.bench import ROOT, SAMPLE, markdown_table
 CONFIGS = {
     "large": "model=large trainer=gpu compile=true",
     "shakespeare_char": "experiment=shakespeare_char",
-    "shakespeare_char+compile": "experiment=shakespeare_char compile=true",
+    "shakespeare_char+cudagraphs": "experiment=shakespeare_char compile=reduce-overhead",
 }
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (the SXM parts unless named).
