@@ -229,7 +229,8 @@ def _save(fig, path: Path) -> Path:
 
 
 class SweepReport(Callback):
-    """Hydra callback: writes the report into the sweep directory when a multirun ends."""
+    """Hydra callback: writes the report into the sweep directory when a multirun ends, and makes the
+    sweep exit with status 1 when any of its runs failed (a failed run does not stop the others)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -239,6 +240,17 @@ class SweepReport(Callback):
             print(f"error: sweep report not written: {err}", file=sys.stderr)
             return
         print(f"Sweep report: {written['summary.md']} (+ {len(written) - 1} more files in {sweep_dir})")
+        runs = collect_runs(sweep_dir)
+        failed = [run["label"] for run in runs if run.get("status") == "failed"]
+        if failed:
+            print(
+                f"error: {len(failed)} of {len(runs)} runs of this sweep failed ({'; '.join(failed)}): each one's "
+                f"error is above and in {written['summary.md']}; fix it and run those again.",
+                file=sys.stderr,
+            )
+            # SystemExit is not an Exception, so it passes Hydra's guard around callbacks: scripts and
+            # CI that run a sweep see from its exit status that something failed.
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

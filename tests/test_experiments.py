@@ -99,8 +99,11 @@ def test_a_failing_run_is_reported_and_does_not_stop_the_sweep(tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
     result = run_cli("train.py", args)
-    assert result.returncode == 0, result.stderr
+    # The sweep goes on past the failed run, then exits 1 and names it last.
+    assert result.returncode == 1, result.stderr
     assert "error: model.embedding_dim (16) must be divisible by model.num_heads (3)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 runs of this sweep failed (model.num_heads=3)")
+    assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [(r["label"], r["status"]) for r in summary["runs"]] == [
         ("model.num_heads=2", "completed"),
