@@ -102,7 +102,9 @@ def test_a_failing_run_is_reported_and_does_not_stop_the_sweep(tmp_path):
     # The sweep goes on past the failed run, then exits 1 and names it last.
     assert result.returncode == 1, result.stderr
     assert "error: model.embedding_dim (16) must be divisible by model.num_heads (3)" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 runs of this sweep failed (model.num_heads=3)")
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 runs of this sweep failed (model.num_heads=3)")
+    )
     assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [(r["label"], r["status"]) for r in summary["runs"]] == [
