@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from nanollm.errors import NanoLLMError
+from nanollm.errors import NanoLLMError, RunDirectoryTaken
 from nanollm.generation import generate_text  # noqa: F401  (part of the runbook API)
 from nanollm.model import TransformerLanguageModel
 from nanollm.tokenizer import CharTokenizer
@@ -128,11 +128,36 @@ def train_with_config(
     for key, value in values.items():
         OmegaConf.update(cfg, key, value, merge=False)
     corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
-    results = run(
-        cfg, model=model, corpus=corpus, echo=lambda *_: None, explicit=explicit, extension=".pt", results_file=False
-    )
+    try:
+        results = run(
+            cfg,
+            model=model,
+            corpus=corpus,
+            echo=lambda *_: None,
+            explicit=explicit,
+            extension=".pt",
+            results_file=False,
+        )
+    except RunDirectoryTaken as err:  # its message gives the command line's remedy; say the API's
+        raise NanoLLMError(_taken_directory_remedy(err)) from None
     results["final_loss"] = results["final_train_loss"]
     return results
+
+
+def _taken_directory_remedy(err: RunDirectoryTaken) -> str:
+    from nanollm.checkpointing import list_checkpoints
+
+    if err.resume_from is None:
+        held = list_checkpoints(Path(err.directory))
+        newest = f"'{held[0]}'" if held else "one of its checkpoints"  # newest first
+        return (
+            f"'{err.directory}' already holds checkpoints of another run: continue that run with "
+            f"resume_from={newest}, or train this one in another config['checkpoint_dir']."
+        )
+    return (
+        f"'{err.directory}' holds checkpoints of another run, so '{err.resume_from}' cannot be resumed into it: "
+        f"set config['checkpoint_dir'] to the directory that holds it ('{Path(err.resume_from).parent}') or a new one."
+    )
 
 
 def load_checkpoint(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nanollm.errors import NanoLLMError
+from nanollm.errors import NanoLLMError, RunDirectoryTaken
 from nanollm.files import atomic_copy, atomic_write
 
 __all__ = ["atomic_copy", "atomic_torch_save"]
@@ -178,15 +178,19 @@ def check_run_ownership(own_dirs: list[Path], resume_from: Path | None) -> None:
         return
     where = own_dirs[0]
     if resume_from is None:
-        raise NanoLLMError(
+        raise RunDirectoryTaken(
             f"'{where}' already holds checkpoints of another run; resume it with ckpt_path=last "
-            "or start a new run in another directory (hydra.run.dir=...)."
+            "or start a new run in another directory (hydra.run.dir=...).",
+            where,
+            resume_from,
         )
     if Path(resume_from).resolve().parent not in {d.resolve() for d in own_dirs}:
-        raise NanoLLMError(
+        raise RunDirectoryTaken(
             f"'{where}' holds checkpoints of another run, so '{resume_from}' cannot be resumed into it. Continue "
             f"that run in its own directory (hydra.run.dir={run_dir_of(resume_from)} ckpt_path=last) or in a new "
-            "one (leave out hydra.run.dir)."
+            "one (leave out hydra.run.dir).",
+            where,
+            resume_from,
         )
 
 
@@ -277,6 +281,19 @@ def load_model_weights(model, checkpoint: dict, path: str | Path) -> None:
         ]
         raise NanoLLMError(
             f"Checkpoint '{path}' does not match this model's architecture ({'; '.join(parts)}). "
-            "Build the model with the checkpoint's settings."
+            f"Build the model with the checkpoint's settings{_settings_that_differ(model, checkpoint, path)}."
         )
     model.load_state_dict(state)
+
+
+def _settings_that_differ(model, checkpoint: dict, path: str | Path) -> str:
+    """`: vocab_size=57 (this model has 42)`, for each model setting the checkpoint records differently."""
+    try:
+        saved = checked_model_config(path, checkpoint).to_dict()
+        own = model.config.to_dict()
+    except (NanoLLMError, AttributeError):  # no usable record, or not a nanollm model: the keys must do
+        return ""
+    differ = [
+        f"{k}={v!r} (this model has {own.get(k)!r})" for k, v in saved.items() if k != "dropout" and own.get(k) != v
+    ]
+    return ": " + ", ".join(differ) if differ else ""

@@ -21,3 +21,13 @@ class TrainingInterrupted(NanoLLMError):
 
 class SweepError(NanoLLMError):
     """A mistake that every job of a sweep would repeat: the sweep stops at once instead of recording it per job."""
+
+
+class RunDirectoryTaken(NanoLLMError):
+    """The run directory holds another run's checkpoints. The message gives the command line's remedy;
+    the API words its own from `directory` and `resume_from`."""
+
+    def __init__(self, message: str, directory, resume_from=None):
+        super().__init__(message)
+        self.directory = directory
+        self.resume_from = resume_from

@@ -290,6 +290,7 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         vocab_size=9, embedding_dim=16, num_layers=1, num_heads=2, ffn_hidden_dim=32, context_length=8
     )
     run_dir = {"checkpoint_dir": str(tmp_path)}
+    before = snapshot(workspace)
     cases = [
         (lambda: train_with_config(model, [1], run_dir), "at least 2 tokens"),
         (lambda: train_with_config(model, [0, 1, 2] * 3, run_dir), "context_length"),
@@ -299,7 +300,17 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         # A tokenizer smaller than the model: its checkpoints would crash generation later.
         (lambda: train_with_config(larger, [0, 1] * 50, run_dir, tokenizer=tokenizer), "vocab_size=tokenizer"),
         (lambda: load_checkpoint(workspace / "damaged.ckpt", model), "damaged"),
-        (lambda: load_checkpoint(workspace / "done/checkpoints/last.ckpt", model), "different shape"),
+        # The runbook hard-codes vocab_size=42: the error names the checkpoint's own settings.
+        (
+            lambda: load_checkpoint(workspace / "done/checkpoints/last.ckpt", model),
+            r"different shape.*checkpoint's settings: vocab_size=\d+ \(this model has 6\)",
+        ),
+        # The runbook's config_nano after its Quick Start: the same checkpoint_dir, which holds that run.
+        (
+            lambda: train_with_config(model, [0, 1] * 50, {"checkpoint_dir": str(workspace / "done/checkpoints")}),
+            r"already holds checkpoints of another run: continue that run with resume_from='.*\.ckpt', or train "
+            r"this one in another config\['checkpoint_dir'\]",
+        ),
         (lambda: generate_text(model, tokenizer, "xyz", max_length=5), "never saw"),
         (lambda: generate_text(model, tokenizer, "abc", max_length=5, temperature=0), "temperature"),
         (lambda: CharTokenizer().encode("abc"), "build_vocab"),
@@ -322,6 +333,7 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
             call()
         assert "\n" not in str(info.value)
     assert not list(tmp_path.rglob("*.ckpt"))
+    assert snapshot(workspace) == before
 
 
 @pytest.mark.parametrize(
