@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -234,9 +235,9 @@ def train_command(cfg: DictConfig) -> float | None:
         if cfg.run_dir is None:
             cfg.run_dir = hydra_cfg.runtime.output_dir
         results = run(cfg, echo=_log_run, explicit=explicit_keys(hydra_cfg.overrides.task))
-    except (NanoLLMError, KeyboardInterrupt):
+    except (NanoLLMError, KeyboardInterrupt) as err:
         if not _run_logged:
-            _discard_unstarted_run_dir(hydra_cfg)
+            _discard_unstarted_run_dir(hydra_cfg, sweep_refused=isinstance(err, SweepError))
         raise
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -254,12 +255,30 @@ def train_command(cfg: DictConfig) -> float | None:
     return results["final_val_loss"]
 
 
-def _discard_unstarted_run_dir(hydra_cfg) -> None:
+def _discard_unstarted_run_dir(hydra_cfg, sweep_refused: bool = False) -> None:
     """A run stopped before it started (a bad input) leaves no directory: the one claimed for it holds only
     its config snapshot and empty directories. Never a directory the user named (hydra.run.dir), which
-    may be another run's, nor a sweep job's, which records the failure."""
+    may be another run's, nor a sweep job's, which records the failure, unless the whole sweep was refused
+    (SweepError): then its job directory goes, and the sweep directory if Hydra's multirun.yaml is all
+    that is left in it."""
     if not in_multirun() and not _set_on_command_line(hydra_cfg, "hydra.run.dir"):
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        remove_unused_run_dir(run_dir)
+        _remove_if_empty(run_dir.parent)  # outputs/<date>/, if this was its only run
+    elif sweep_refused and not _set_on_command_line(hydra_cfg, "hydra.sweep.dir"):
         remove_unused_run_dir(Path(hydra_cfg.runtime.output_dir))
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        if sweep_dir.is_dir() and all(p.name == "multirun.yaml" for p in sweep_dir.iterdir()):
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+            _remove_if_empty(sweep_dir.parent)  # outputs/multirun/<date>/
+            _remove_if_empty(sweep_dir.parent.parent)  # outputs/multirun/
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (other runs), or already gone
+        pass
 
 
 def _set_on_command_line(hydra_cfg, key: str) -> bool:

@@ -47,7 +47,7 @@ class ModelConfig:
         if self.embedding_dim % self.num_heads:
             raise NanoLLMError(
                 f"model.embedding_dim ({self.embedding_dim}) must be divisible by model.num_heads ({self.num_heads}); "
-                "change one of them, e.g. model.num_heads=4."
+                f"change one of them, e.g. {self._valid_head_settings()}."
             )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise NanoLLMError(f"model.dropout must be in [0, 1), got {self.dropout!r}.")
@@ -68,6 +68,18 @@ class ModelConfig:
         """The config stored in a checkpoint; a key it lacks gets the meaning it had before the key existed:
         learned positions (before RoPE) and the tanh GELU (before model.activation)."""
         return cls(**{"position_encoding": "learned", "activation": "gelu_tanh", **saved})
+
+    def _valid_head_settings(self) -> str:
+        """The nearest num_heads that divides embedding_dim, and the nearest larger embedding_dim that
+        num_heads divides (RoPE also needs an even head size)."""
+        pair = 2 if self.position_encoding == "rope" else 1
+        dim = self.embedding_dim
+        heads = [h for h in range(1, dim + 1) if dim % (h * pair) == 0]
+        width = -(-dim // (self.num_heads * pair)) * self.num_heads * pair
+        if not heads:  # an odd width with RoPE: only the width can change
+            return f"model.embedding_dim={width}"
+        nearest = min(heads, key=lambda h: (abs(h - self.num_heads), h))
+        return f"model.num_heads={nearest} or model.embedding_dim={width}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -93,7 +93,10 @@ TRAIN_CASES = {
     "cache directory under a file": (["data.cache_dir={ws}/one.txt/cache"], ["data.cache_dir", "Not a directory"]),
     "device file as data": (["data.path=/dev/null"], ["/dev/null", "not a regular file or a directory"]),
     # values
-    "heads do not divide width": (["model.num_heads=3"], ["model.embedding_dim (16)", "model.num_heads (3)"]),
+    "heads do not divide width": (
+        ["model.num_heads=3"],
+        ["model.embedding_dim (16)", "model.num_heads (3)", "e.g. model.num_heads=2 or model.embedding_dim=18."],
+    ),
     "zero width": (["model.embedding_dim=0"], ["model.embedding_dim", "positive integer"]),
     "negative layers": (["model.num_layers=-1"], ["model.num_layers"]),
     "zero context": (["model.context_length=0"], ["model.context_length"]),

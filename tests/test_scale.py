@@ -239,10 +239,11 @@ def test_a_joblib_sweep_runs_its_jobs_in_parallel_each_on_its_share_of_the_cores
     assert a["torch_threads"] == b["torch_threads"] == max((os.cpu_count() or 1) // 2, 1)
 
 
-def test_a_sweep_refuses_ddp_at_once(tmp_path):
-    result = run_cli("train.py", ["-m", *DDP, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+def test_a_sweep_refuses_ddp_at_once_and_leaves_no_directory(tmp_path):
+    outputs = tmp_path / "outputs"
+    result = run_cli("train.py", ["-m", *DDP, "seed=1,2", f"outputs_dir={outputs}"])
     assert_user_error(result, "cannot launch DDP processes", "hydra/launcher=slurm")
-    assert not list((tmp_path / "sweep").glob("*/results.json"))
+    assert not list(outputs.rglob("*"))  # no sweep directory, job directory or empty outputs/multirun/<date>/
 
 
 @needs_extra("hydra_plugins.hydra_optuna_sweeper", "sweeps")
