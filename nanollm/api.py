@@ -26,7 +26,12 @@ from nanollm.tokenizer import CharTokenizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
+# The model's own settings, which a runbook config repeats (vocab_size, embedding_dim, ...): they must match.
+MODEL_CONFIG_KEYS = {"vocab_size", "embedding_dim", "num_layers", "num_heads", "ffn_hidden_dim", "context_length"}
+OTHER_CONFIG_KEYS = {"checkpoint_dir", "progress_bar"}
+
 # Runbook config key -> Hydra config key.
+RUNBOOK_DEFAULT_STEPS = 1000  # the runbook's num_steps for nano
 RUNBOOK_KEYS = {
     "learning_rate": "optim.lr",
     "num_steps": "trainer.max_steps",
@@ -87,10 +92,21 @@ def train_with_config(
             "config['checkpoint_dir'] is required: the directory for checkpoint files (a str or Path), "
             f"got {config.get('checkpoint_dir')!r}."
         )
-    if config.get("vocab_size") not in (None, model.config.vocab_size):
+    if not isinstance(model, TransformerLanguageModel):
+        raise NanoLLMError(f"model must be a nanollm TransformerLanguageModel, got {type(model).__name__}.")
+    unknown = sorted(set(config) - set(RUNBOOK_KEYS) - MODEL_CONFIG_KEYS - OTHER_CONFIG_KEYS, key=str)
+    if unknown:  # a typo (learnin_rate) would otherwise train with the default silently
         raise NanoLLMError(
-            f"config['vocab_size'] ({config['vocab_size']}) differs from the model's ({model.config.vocab_size})."
+            f"Unknown config key(s) {', '.join(map(repr, unknown))}; the keys are "
+            f"{', '.join(sorted({*RUNBOOK_KEYS, *MODEL_CONFIG_KEYS, *OTHER_CONFIG_KEYS}))}."
         )
+    sizes = model.config.to_dict()
+    for key in sorted(MODEL_CONFIG_KEYS & set(config)):
+        if config[key] is not None and config[key] != sizes[key]:
+            raise NanoLLMError(
+                f"config['{key}'] ({config[key]!r}) differs from the model's ({sizes[key]!r}); build the model "
+                f"with {key}=config['{key}']."
+            )
     if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
         raise NanoLLMError(
             f"The tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is "
@@ -103,9 +119,17 @@ def train_with_config(
         raise NanoLLMError("tokens must be non-negative token ids.")
     if ids.size < 2:
         raise NanoLLMError(f"Token sequence must have at least 2 tokens, got {ids.size}.")
+    if ids.max() >= model.config.vocab_size:  # here, before a narrower dtype could wrap a huge id around
+        raise NanoLLMError(
+            f"Token id {ids.max()} is outside the model's vocabulary (vocab_size {model.config.vocab_size}); "
+            "encode the text with the tokenizer the model was built for."
+        )
 
     checkpoint_dir = Path(config["checkpoint_dir"]).resolve()
-    num_steps = config.get("num_steps", 1000)
+    config = {k: v.item() if isinstance(v, np.generic) else v for k, v in config.items()}  # np.float64(1e-3) etc.
+    num_steps = config.get("num_steps")
+    if num_steps is None:
+        num_steps = config["num_steps"] = RUNBOOK_DEFAULT_STEPS
     # The runbook's files only: no logger, samples, best checkpoint or last.pt. Group choices go through
     # Hydra; values are set on the composed config (any string is safe there).
     cfg = compose_config(["~logger", "~callbacks.text_samples", "~callbacks.best_checkpoint"])
@@ -128,6 +152,8 @@ def train_with_config(
     for key, value in values.items():
         OmegaConf.update(cfg, key, value, merge=False)
     corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
+    if resume_from is not None and Path(resume_from).is_file():
+        _check_resumable_into(model, Path(resume_from))
     try:
         results = run(
             cfg,
@@ -142,6 +168,15 @@ def train_with_config(
         raise NanoLLMError(_taken_directory_remedy(err)) from None
     results["final_loss"] = results["final_train_loss"]
     return results
+
+
+def _check_resumable_into(model: TransformerLanguageModel, path: Path) -> None:
+    """The model must be built as the checkpoint's was: Lightning would fail on the state dict otherwise."""
+    from nanollm.checkpointing import read_checkpoint, settings_that_differ
+
+    differ = settings_that_differ(model, read_checkpoint(path), path)
+    if differ:
+        raise NanoLLMError(f"Cannot resume '{path}' into this model: build it with the checkpoint's settings{differ}.")
 
 
 def _taken_directory_remedy(err: RunDirectoryTaken) -> str:

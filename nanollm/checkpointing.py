@@ -265,33 +265,37 @@ def model_from_checkpoint(path: str | Path, checkpoint: dict | None = None):
     return model.eval(), tokenizer, checkpoint
 
 
-def load_model_weights(model, checkpoint: dict, path: str | Path) -> None:
-    """Copy the checkpoint's weights into `model`; a different architecture is named key by key."""
+def load_model_weights(model, checkpoint: dict, path: str | Path, same_settings: bool = True) -> None:
+    """Copy the checkpoint's weights into `model`; a different architecture is named key by key, and
+    (`same_settings`) a model built with other settings than the checkpoint records is refused even
+    where the weights' shapes agree (num_heads, activation, a RoPE model's context_length)."""
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or resized:
+    differ = settings_that_differ(model, checkpoint, path) if same_settings or missing or unexpected or resized else ""
+    if missing or unexpected or resized or differ:
         parts = [
             f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", resized))
             if keys
         ]
+        detail = f" ({'; '.join(parts)})" if parts else ""
         raise NanoLLMError(
-            f"Checkpoint '{path}' does not match this model's architecture ({'; '.join(parts)}). "
-            f"Build the model with the checkpoint's settings{_settings_that_differ(model, checkpoint, path)}."
+            f"Checkpoint '{path}' does not match this model's architecture{detail}. "
+            f"Build the model with the checkpoint's settings{differ}."
         )
     model.load_state_dict(state)
 
 
-def _settings_that_differ(model, checkpoint: dict, path: str | Path) -> str:
+def settings_that_differ(model, checkpoint: dict, path: str | Path) -> str:
     """`: vocab_size=57 (this model has 42)`, for each model setting the checkpoint records differently."""
     try:
         saved = checked_model_config(path, checkpoint).to_dict()
         own = model.config.to_dict()
-    except (NanoLLMError, AttributeError):  # no usable record, or not a nanollm model: the keys must do
+    except (NanoLLMError, AttributeError, KeyError, TypeError):  # no usable record, or not a nanollm model
         return ""
     differ = [
         f"{k}={v!r} (this model has {own.get(k)!r})" for k, v in saved.items() if k != "dropout" and own.get(k) != v

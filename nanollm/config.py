@@ -41,8 +41,8 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
 
 def _positive_number(cfg: DictConfig, key: str) -> float:
     value = _get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise NanoLLMError(f"{key} must be a number > 0, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise NanoLLMError(f"{key} must be a finite number > 0, got {value!r}.")
     return float(value)
 
 

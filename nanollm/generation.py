@@ -202,6 +202,10 @@ def draw_noise(steps: int, num_samples: int, vocab_size: int, generator: torch.G
     return torch.empty(steps, num_samples, vocab_size).exponential_(generator=generator)
 
 
+# Below this temperature, float32 logits divided by it could overflow; sampling is greedy there anyway.
+GREEDY_BELOW = 1e-20
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -218,7 +222,9 @@ def sample_next(
     what a single sample does.
     """
     logits = logits.float()
-    if temperature != 1:  # dividing by 1 changes nothing
+    if temperature < GREEDY_BELOW:  # logits / temperature would overflow to inf: take the limit, greedy
+        top_k = 1
+    elif temperature != 1:  # dividing by 1 changes nothing
         logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]  # each row's own k-th largest
@@ -279,6 +285,13 @@ def generate_text(
     beyond_context: str = "recompute",
 ) -> str:
     """The prompt followed by `max_length` sampled characters; the same seed gives the same text."""
+    if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "vocab_size"):
+        raise NanoLLMError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}.")
+    if tokenizer.vocab_size > model.config.vocab_size:  # its extra characters would index past the embedding
+        raise NanoLLMError(
+            f"The tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is "
+            f"{model.config.vocab_size}: use the tokenizer the model was trained with."
+        )
     ids = generate_tokens(
         model,
         tokenizer.encode(prompt, what="The prompt"),

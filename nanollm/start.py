@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ def _check_writable_directory(directory: Path, key: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise NanoLLMError(f"Cannot create {key} '{directory}': {err.strerror or err}.") from None
+    try:  # a directory that exists but refuses files (read-only) would fail only at the first save
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise NanoLLMError(f"Cannot write into {key} '{directory}': {err.strerror or err}.") from None
 
 
 def load_start(cfg: DictConfig, plan: dict[str, Any], explicit: set[str]) -> Start:
@@ -288,5 +293,6 @@ def start_weights(config: ModelConfig, start: Start) -> TransformerLanguageModel
     embedding[:old_rows] = state["token_embedding.weight"]
     state["token_embedding.weight"] = embedding
     state["lm_head.weight"] = embedding
-    load_model_weights(model, {"state_dict": {prefix + k: v for k, v in state.items()}}, start.path)
+    # The vocabulary may have grown, so the settings differ from the checkpoint's by design.
+    load_model_weights(model, {"state_dict": {prefix + k: v for k, v in state.items()}}, start.path, same_settings=False)
     return model

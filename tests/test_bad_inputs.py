@@ -111,6 +111,7 @@ TRAIN_CASES = {
     ),
     "zero learning rate": (["optim.lr=0"], ["optim.lr", "> 0"]),
     "negative learning rate": (["optim.lr=-0.001"], ["optim.lr"]),
+    "infinite learning rate": (["optim.lr=inf"], ["optim.lr must be a finite number > 0", "inf"]),
     "betas outside [0, 1)": (["optim.betas=[2,2]"], ["optim.betas[0]", "[0, 1)"]),
     "negative final learning rate": (["optim.min_lr_ratio=-1"], ["optim.min_lr_ratio", "[0, 1]"]),
     "zero batch": (["data.batch_size=0"], ["data.batch_size", ">= 1"]),
@@ -294,7 +295,20 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
     )
     run_dir = {"checkpoint_dir": str(tmp_path)}
     before = snapshot(workspace)
+    done = workspace / "done/checkpoints/last.ckpt"  # a TINY run on the sample: 57 characters, width 16, 2 heads
+    four_heads = TransformerLanguageModel(  # the same weight shapes as that run's, another architecture
+        vocab_size=57, embedding_dim=16, num_layers=1, num_heads=4, ffn_hidden_dim=32, context_length=32
+    )
     cases = [
+        (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "learnin_rate": 5}), "Unknown config key.*learnin"),
+        (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "embedding_dim": 64}), "embedding_dim.*64.*16"),
+        (lambda: train_with_config(model, [0, 1] * 50 + [2**32 + 3], run_dir), "Token id 4294967299 is outside"),
+        (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "learning_rate": math.inf}), "finite number"),
+        (lambda: train_with_config(None, [0, 1] * 50, run_dir), "model must be a nanollm"),
+        (lambda: train_with_config(model, [0, 1] * 50, run_dir, resume_from=done), "Cannot resume.*vocab_size=57"),
+        (lambda: load_checkpoint(done, four_heads), r"checkpoint's settings: num_heads=2 \(this model has 4\)"),
+        (lambda: generate_text(model, CharTokenizer.from_text("abcdefgh"), "abc", 5), "tokenizer has 8 characters"),
+        (lambda: generate_text(model, None, "abc", 5), "tokenizer must be a CharTokenizer"),
         (lambda: train_with_config(model, [1], run_dir), "at least 2 tokens"),
         (lambda: train_with_config(model, [0, 1, 2] * 3, run_dir), "context_length"),
         (lambda: train_with_config(model, [0, 9] * 50, run_dir), "outside the model's vocabulary"),
@@ -337,6 +351,20 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         assert "\n" not in str(info.value)
     assert not list(tmp_path.rglob("*.ckpt"))
     assert snapshot(workspace) == before
+
+
+def test_a_checkpoint_dir_that_refuses_files_is_named_before_training(tmp_path, monkeypatch):
+    # As root (CI) permissions do not bind, so the refusal a read-only directory gives is stood in for.
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    model = TransformerLanguageModel(vocab_size=2, embedding_dim=16, num_layers=1, num_heads=2, context_length=8)
+    with pytest.raises(NanoLLMError, match="Cannot write into checkpoint_dir .*Permission denied"):
+        train_with_config(model, [0, 1] * 50, {"checkpoint_dir": str(tmp_path / "ckpts"), "num_steps": 2})
+    assert not list(tmp_path.rglob("*.pt"))
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,14 @@ def test_top_k_1_is_greedy_on_the_last_window(model_and_tokenizer, use_cache):
         context.append(token)
 
 
+def test_a_vanishing_temperature_is_greedy(model_and_tokenizer):
+    # 1e-40 overflowed logits / temperature to inf, and the draw became token 0 again and again.
+    model, tok = model_and_tokenizer
+    greedy = generate_text(model, tok, "ab", max_length=30, top_k=1, seed=0)
+    assert generate_text(model, tok, "ab", max_length=30, temperature=1e-40, seed=0) == greedy
+    assert generate_text(model, tok, "ab", max_length=30, temperature=1e-40, top_k=1, seed=0) == greedy
+
+
 def test_generation_leaves_training_mode_and_torch_settings_as_they_were(model_and_tokenizer):
     # One-token steps run on one thread without oneDNN; training and scoring need both back.
     model, tok = model_and_tokenizer

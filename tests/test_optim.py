@@ -317,7 +317,8 @@ def test_optim_muon_extends_adamw_and_passes_the_checks():
     "key, value, message",
     [
         ("name", "sgd", "optim.name must be one of adamw, muon"),
-        ("muon_lr", 0, "optim.muon_lr must be a number > 0"),
+        ("muon_lr", 0, "optim.muon_lr must be a finite number > 0"),
+        ("muon_lr", math.inf, "optim.muon_lr must be a finite number > 0"),
         ("muon_weight_decay", -0.1, "optim.muon_weight_decay must be a number >= 0"),
         ("momentum", 1.0, "optim.momentum must be a number in [0, 1)"),
         ("momentum", -0.5, "optim.momentum must be a number in [0, 1)"),
