@@ -294,5 +294,7 @@ def start_weights(config: ModelConfig, start: Start) -> TransformerLanguageModel
     state["token_embedding.weight"] = embedding
     state["lm_head.weight"] = embedding
     # The vocabulary may have grown, so the settings differ from the checkpoint's by design.
-    load_model_weights(model, {"state_dict": {prefix + k: v for k, v in state.items()}}, start.path, same_settings=False)
+    load_model_weights(
+        model, {"state_dict": {prefix + k: v for k, v in state.items()}}, start.path, same_settings=False
+    )
     return model
