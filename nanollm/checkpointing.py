@@ -9,6 +9,7 @@ callbacks.SafeCheckpointIO.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import zipfile
@@ -91,6 +92,23 @@ def list_checkpoints(directory: Path | None, patterns: tuple[str, ...] = CHECKPO
         return []
     files = {p for pattern in patterns for p in directory.glob(pattern) if p.is_file()}
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def keep_finished_state(final_path: Path, step: int) -> Path | None:
+    """Before a finished run is trained further, give its final state a step file of its own.
+
+    The last step of a run is saved only as `checkpoint_final`, which the continued run replaces at its
+    new end: without this the model the run ended with (the one that was evaluated and sampled) would be
+    kept nowhere. A hard link where the file system allows it, so it costs no space.
+    """
+    kept = final_path.with_name(f"checkpoint_step_{step}{final_path.suffix}")
+    if not final_path.is_file() or kept.exists() or checkpoint_step(final_path) != step:
+        return None
+    try:
+        os.link(final_path, kept)
+    except OSError:
+        atomic_copy(final_path, kept)
+    return kept
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -207,6 +207,7 @@ def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path):
 def test_a_resumed_run_logs_on_as_the_same_run_with_its_precision(tmp_path):
     first = run_cli("train.py", train_args(tmp_path, "logger=many", "trainer.precision=bf16-mixed"))
     assert first.returncode == 0, first.stderr
+    finished = torch.load(tmp_path / "run/checkpoints/checkpoint_final.ckpt", weights_only=True)["state_dict"]
     # Trained longer without restating its precision, and its loggers named another way: the run name built
     # from these overrides differs, the run does not.
     more = ["logger=[tensorboard,csv]", "ckpt_path=last", "trainer.max_steps=30"]
@@ -222,3 +223,7 @@ def test_a_resumed_run_logs_on_as_the_same_run_with_its_precision(tmp_path):
     results = read_results(run)
     assert results["precision"] == "bf16-mixed" and results["resumed_with_changes"] == ["trainer.max_steps: 20 -> 30"]
     assert "precision: bf16-mixed" in (run / "run_config.yaml").read_text()
+    # The model the finished run ended with is kept under its step: checkpoint_final is the new end's now.
+    kept = torch.load(run / "checkpoints/checkpoint_step_20.ckpt", weights_only=True)
+    assert kept["global_step"] == 20 and all(torch.equal(kept["state_dict"][k], v) for k, v in finished.items())
+    assert torch.load(run / "checkpoints/checkpoint_final.ckpt", weights_only=True)["global_step"] == 30
