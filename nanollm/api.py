@@ -55,6 +55,9 @@ def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices)."""
     import lightning as L
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise NanoLLMError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+
     L.seed_everything(seed, workers=True, verbose=False)
 
 
@@ -205,7 +208,14 @@ def load_checkpoint(
     checkpoint = read_checkpoint(path)
     load_model_weights(model, checkpoint, path)
     if optimizer is not None and checkpoint.get("optimizer_states"):
-        optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+        except (ValueError, KeyError, AttributeError) as err:
+            raise NanoLLMError(
+                f"The optimizer does not match the one '{path}' was saved with ({err}): nanollm's AdamW keeps "
+                "two parameter groups (decayed matrices, undecayed norms and biases). To continue training, "
+                "use train_with_config(..., resume_from=path), which restores it."
+            ) from None
     return CheckpointInfo(int(checkpoint["global_step"]), checkpoint[NANOLLM_KEY].get("train_loss"))
 
 

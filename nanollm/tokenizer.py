@@ -42,6 +42,8 @@ class CharTokenizer:
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         """Build the vocabulary from a string."""
+        if not isinstance(text, str):
+            raise NanoLLMError(f"from_text takes the text as a str, got {type(text).__name__}.")
         return cls(text)
 
     @classmethod
@@ -97,6 +99,12 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Token ids to text; an id outside the vocabulary is an error (a negative one would index from the end)."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise NanoLLMError(f"decode takes a sequence of token ids, got {type(ids).__name__}.")
+        ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)  # numpy arrays, torch tensors
+        not_ids = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if not_ids:  # int(1.7) would decode id 1
+            raise NanoLLMError(f"Token ids must be integers, got {not_ids[0]!r}.")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:

@@ -20,6 +20,7 @@ from nanollm import (
     TransformerLanguageModel,
     generate_text,
     load_checkpoint,
+    set_seed,
     train_with_config,
 )
 from tests.conftest import SAMPLE, assert_user_error, run_cli, run_script, train_args
@@ -285,6 +286,12 @@ def test_bad_input_fails_with_one_clear_line_and_touches_nothing(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def _sizes(vocab_size: int, num_heads: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, embedding_dim=16, num_layers=1, num_heads=num_heads, ffn_hidden_dim=32, context_length=32
+    )
+
+
 def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
     tokenizer = CharTokenizer.from_text("abcdef")
     model = TransformerLanguageModel(
@@ -296,9 +303,7 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
     run_dir = {"checkpoint_dir": str(tmp_path)}
     before = snapshot(workspace)
     done = workspace / "done/checkpoints/last.ckpt"  # a TINY run on the sample: 57 characters, width 16, 2 heads
-    four_heads = TransformerLanguageModel(  # the same weight shapes as that run's, another architecture
-        vocab_size=57, embedding_dim=16, num_layers=1, num_heads=4, ffn_hidden_dim=32, context_length=32
-    )
+    four_heads = TransformerLanguageModel(**_sizes(57, 4))  # that run's weight shapes, another architecture
     cases = [
         (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "learnin_rate": 5}), "Unknown config key.*learnin"),
         (lambda: train_with_config(model, [0, 1] * 50, {**run_dir, "embedding_dim": 64}), "embedding_dim.*64.*16"),
@@ -309,6 +314,17 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         (lambda: load_checkpoint(done, four_heads), r"checkpoint's settings: num_heads=2 \(this model has 4\)"),
         (lambda: generate_text(model, CharTokenizer.from_text("abcdefgh"), "abc", 5), "tokenizer has 8 characters"),
         (lambda: generate_text(model, None, "abc", 5), "tokenizer must be a CharTokenizer"),
+        (
+            lambda: load_checkpoint(
+                done, TransformerLanguageModel(**_sizes(57, 2)), torch.optim.AdamW(model.parameters())
+            ),
+            "optimizer does not match",
+        ),
+        (lambda: set_seed(-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+        (lambda: set_seed("a"), "seed must be an integer"),
+        (lambda: tokenizer.decode([1.7]), "Token ids must be integers, got 1.7"),
+        (lambda: tokenizer.decode("01"), "decode takes a sequence of token ids, got str"),
+        (lambda: CharTokenizer.from_text(None), "from_text takes the text as a str"),
         (lambda: train_with_config(model, [1], run_dir), "at least 2 tokens"),
         (lambda: train_with_config(model, [0, 1, 2] * 3, run_dir), "context_length"),
         (lambda: train_with_config(model, [0, 9] * 50, run_dir), "outside the model's vocabulary"),
