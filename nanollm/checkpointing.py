@@ -9,6 +9,7 @@ callbacks.SafeCheckpointIO.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -50,6 +51,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         inside = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         example = next(iter(list_checkpoints(inside)), inside / LAST_NAME)
         raise NanoLLMError(f"Checkpoint path '{path}' is a directory; pass a checkpoint file in it, e.g. {example}.")
+    if not path.is_file():  # a FIFO or a device would block or stream forever
+        raise NanoLLMError(f"Checkpoint '{path}' is not a regular file; pass a checkpoint file written by nanollm.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -193,6 +196,15 @@ def check_run_ownership(own_dirs: list[Path], resume_from: Path | None) -> None:
     """
     held = [p for d in own_dirs for p in list_checkpoints(d)]
     if not held:
+        recorded = next((d for d in own_dirs if _holds_results(d)), None)
+        if recorded is not None and (resume_from is None or Path(resume_from).resolve().parent != recorded.resolve()):
+            # Its checkpoints are elsewhere (checkpoint_dir), but this run would replace its results.json.
+            raise RunDirectoryTaken(
+                f"'{recorded}' holds another run's results.json; start this run in another directory "
+                "(hydra.run.dir=..., or leave it out), or resume that run with ckpt_path=<one of its checkpoints>.",
+                recorded,
+                resume_from,
+            )
         return
     where = own_dirs[0]
     if resume_from is None:
@@ -210,6 +222,17 @@ def check_run_ownership(own_dirs: list[Path], resume_from: Path | None) -> None:
             where,
             resume_from,
         )
+
+
+def _holds_results(directory: Path) -> bool:
+    """Whether a directory holds the results.json of a run (a failed run's may be replaced by its retry)."""
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status") != "failed"
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: not ours to replace
 
 
 def architecture_mismatch(saved: dict, wanted: dict) -> list[str]:

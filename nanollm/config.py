@@ -71,6 +71,9 @@ def _number(cfg: DictConfig, key: str, low: float, high: float, rule: str, low_o
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise NanoLLMError for the first invalid value, naming the key and a valid alternative."""
+    name = _get(cfg, "experiment_name")  # recorded in results.json: a list here failed only after training
+    if name is not None and not isinstance(name, (str, int, float)):
+        raise NanoLLMError(f"experiment_name must be a name (a string), got {name!r}.")
     _number(cfg, "model.dropout", 0, 1, "a number in [0, 1)", high_ok=False)
     model_config_from(cfg, vocab_size=1)  # sizes, divisibility and the position encoding
     _positive_number(cfg, "optim.lr")

@@ -70,7 +70,7 @@ def list_text_files(path: str | Path, glob: str = DEFAULT_GLOB) -> list[Path]:
             "Pass data.path=/path/to/text.txt or a directory of text files."
         )
     if path.is_file():
-        return [path]
+        return _readable([path])
     if not path.is_dir():  # a device, a pipe or a socket: glob would find nothing under it
         raise NanoLLMError(
             f"Data path '{path}' is not a regular file or a directory; pass data.path=/path/to/text.txt "
@@ -86,6 +86,16 @@ def list_text_files(path: str | Path, glob: str = DEFAULT_GLOB) -> list[Path]:
         raise NanoLLMError(
             f"Directory '{path}' contains no files matching '{glob}' (data.glob); put UTF-8 text files in it, "
             "set data.glob to a pattern that matches them, or point data.path at a file."
+        )
+    return _readable(files)
+
+
+def _readable(files: list[Path]) -> list[Path]:
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise NanoLLMError(
+            f"Cannot read '{unreadable[0]}' (permission denied){' and others' if len(unreadable) > 1 else ''}; "
+            "make it readable (chmod +r) or leave it out of the data path."
         )
     return files
 

@@ -143,7 +143,7 @@ class KVCache:
         keys = torch.cat((cached[:, :, :, : min(start, self.capacity)], kv), dim=3)
         kept = min(T, self.capacity)
         slots = torch.arange(start + T - kept, start + T, device=kv.device) % self.capacity
-        cached[:, :, :, slots] = kv[:, :, :, T - kept :]
+        cached[:, :, :, slots] = kv[:, :, :, T - kept :].to(cached.dtype)  # under autocast kv may be bf16
         return keys.unbind(0)
 
 

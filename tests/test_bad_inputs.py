@@ -7,6 +7,7 @@ as a subprocess, to show the two agree.
 """
 
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -65,6 +66,7 @@ def workspace(tmp_path_factory, trained_run):
     crafted(good, ws / "absurd.ckpt", lambda c: c["nanollm"]["model"].update(embedding_dim=2**30, num_heads=2))
     crafted(good, ws / "learned.ckpt", _learned_positions)
     (ws / "random.ckpt").write_bytes(random.Random(0).randbytes(5000))
+    os.mkfifo(ws / "fifo.ckpt")
     (ws / "no_best").mkdir()
     (ws / "new_letters.txt").write_text("Only new letters: ÆØÅ æøå " * 100, encoding="utf-8")
     return ws
@@ -185,6 +187,12 @@ TRAIN_CASES = {
     "checkpoint_dir is a file": (["checkpoint_dir={ws}/one.txt"], ["checkpoint_dir", "is a file"]),
     "run directory under a file": (["hydra.run.dir={ws}/one.txt/run"], ["one.txt"]),
     "new run over an old one": (["hydra.run.dir={ws}/done"], ["already holds checkpoints", "ckpt_path=last"]),
+    # Its checkpoints elsewhere, the run would still replace that run's results.json.
+    "new run in another run's directory": (
+        ["hydra.run.dir={ws}/done", "checkpoint_dir={ws}/elsewhere"],
+        ["{ws}/done' holds another run's results.json", "another directory"],
+    ),
+    "a list as experiment_name": (["experiment_name=[a,b]"], ["experiment_name must be a name", "['a', 'b']"]),
     "resuming another run into this run's directory": (
         ["hydra.run.dir={ws}/done", "ckpt_path={ws}/other/checkpoints/last.ckpt"],
         ["holds checkpoints of another run", "hydra.run.dir={ws}/other ckpt_path=last"],
@@ -200,6 +208,7 @@ TRAIN_CASES = {
 }
 GENERATE_CASES = {
     "no checkpoint given": ([], ["ckpt_path is required"]),
+    "a FIFO as checkpoint": (["ckpt_path={ws}/fifo.ckpt"], ["fifo.ckpt", "not a regular file"]),  # it blocked forever
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged"]),
     "random bytes as checkpoint": (["ckpt_path={ws}/random.ckpt"], RANDOM_BYTES),
@@ -238,6 +247,7 @@ EVAL_CASES = {
     "unseen characters": ([f"ckpt_path={DONE}", "data.path={ws}/new_letters.txt"], ["'Æ'", "eval.unknown=skip"]),
     "one character": ([f"ckpt_path={DONE}", "data.path={ws}/one.txt"], ["at least 2"]),
     "stride past the context": ([f"ckpt_path={DONE}", "eval.stride=33"], ["eval.stride", "(32)"]),
+    "a FIFO as checkpoint": (["ckpt_path={ws}/fifo.ckpt"], ["fifo.ckpt", "not a regular file"]),
     "zero stride": ([f"ckpt_path={DONE}", "eval.stride=0"], ["eval.stride"]),
     "unknown eval.unknown": ([f"ckpt_path={DONE}", "eval.unknown=drop"], ["eval.unknown", "error, skip"]),
     "unknown eval.method": ([f"ckpt_path={DONE}", "eval.method=beam"], ["eval.method", "windows, rolling"]),
@@ -367,6 +377,15 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         assert "\n" not in str(info.value)
     assert not list(tmp_path.rglob("*.ckpt"))
     assert snapshot(workspace) == before
+
+
+def test_an_unreadable_data_file_is_named_before_training(tmp_path, monkeypatch):
+    # As root (CI) permissions do not bind, so the answer a file without read permission gives is stood in for.
+    from nanollm import corpus
+
+    monkeypatch.setattr(corpus.os, "access", lambda path, mode: not str(path).endswith("sample.txt"))
+    assert_user_error(run_cli("train.py", train_args(tmp_path)), "Cannot read", "sample.txt", "chmod +r")
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_a_checkpoint_dir_that_refuses_files_is_named_before_training(tmp_path, monkeypatch):
