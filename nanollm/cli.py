@@ -138,6 +138,10 @@ def run_entry_point(main) -> None:
     skip_shutdown_collections()
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def skip_shutdown_collections() -> None:
     """Spare the interpreter's exit its garbage collections over every object still alive.
 
@@ -318,7 +322,8 @@ def generate_command(cfg: DictConfig) -> None:
     from nanollm.generation import generate_batch, generate_tokens, make_generator
 
     validate_generate_config(cfg)
-    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir))
+    # Warnings (a damaged checkpoint passed over) go to stderr: stdout is the sampled text.
+    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir), warn=_to_stderr)
     device = (
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()

@@ -163,7 +163,7 @@ def checkpoint_files(ckpt_path: str | list[str], outputs_dir: Path) -> tuple[lis
             several |= is_sweep
             found += [(p, read_checkpoint(p)) for p in paths]
         else:
-            found.append(resolve_checkpoint(name, None, outputs_dir))
+            found.append(resolve_checkpoint(name, None, outputs_dir, warn=lambda line: print(line, file=sys.stderr)))
     return found, several
 
 

@@ -20,6 +20,18 @@ def test_generates_from_the_checkpoint_alone(trained_checkpoint, tmp_path):
     assert list(tmp_path.iterdir()) == [alone]  # generation writes no files
 
 
+def test_ckpt_path_last_passes_over_a_damaged_checkpoint_and_warns_on_stderr(trained_run, tmp_path):
+    # The warning went to stdout, into the sampled text of `python generate.py ... > sample.txt`.
+    run = tmp_path / "outputs" / "run"
+    shutil.copytree(trained_run, run)
+    newest = run / "checkpoints" / "zz_newest.ckpt"
+    newest.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:4000])  # newest, and damaged
+    args = [f"outputs_dir={tmp_path / 'outputs'}", "ckpt_path=last", "max_new_tokens=20", "seed=1"]
+    result = run_cli("generate.py", args)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "zz_newest.ckpt" in result.stderr and "warning" not in result.stdout
+
+
 # Runs an entry point as `python <script> <args>` would; then prints the Lightning modules it imported
 # and how many objects it froze out of the interpreter's shutdown collections.
 ENTRY_POINT_COSTS = """
