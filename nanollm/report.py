@@ -44,7 +44,14 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     """Each job directory's results.json, in job order."""
     runs = []
     for path in sweep_dir.glob("*/results.json"):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            record = err
+        if not isinstance(record, dict):  # cut short, or not written by nanollm: named, and left out
+            print(f"warning: skipping {path}: not a results record ({record}).", file=sys.stderr)
+            continue
+        record.setdefault("status", "unknown")
         record["job"] = path.parent.name
         runs.append(record)
     # Label each run by what sets it apart: the overrides not shared by every run of the sweep.

@@ -114,6 +114,24 @@ def test_a_failing_run_is_reported_and_does_not_stop_the_sweep(tmp_path):
     assert "Job 1 (model.num_heads=3) failed" in (tmp_path / "sweep" / "summary.md").read_text()
 
 
+def test_a_jobs_unreadable_results_are_named_and_left_out_of_the_report(trained_run, tmp_path):
+    # A truncated results.json or a foreign one stopped the report with a traceback, half written.
+    sweep = tmp_path / "sweep"
+    for job in "012":
+        (sweep / job).mkdir(parents=True)
+    good = (trained_run / "results.json").read_text()
+    (sweep / "0" / "results.json").write_text(good)
+    (sweep / "1" / "results.json").write_text(good[:100])
+    (sweep / "2" / "results.json").write_text("[1, 2]")
+    result = subprocess.run(
+        [sys.executable, "-m", "nanollm.report", str(sweep)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"skipping {sweep / '1' / 'results.json'}" in result.stderr and f"{sweep / '2'}" in result.stderr
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [r["job"] for r in summary["runs"]] == ["0"] and (sweep / "summary.md").exists()
+
+
 def test_report_command_rewrites_the_report_and_rejects_a_non_sweep(context_sweep, tmp_path):
     (context_sweep / "summary.md").unlink()
     result = subprocess.run(
