@@ -14,6 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from nanollm.checkpointing import LAST_NAME, atomic_torch_save, read_checkpoint
+from nanollm.errors import TrainingInterrupted
 from nanollm.generation import generate_text, usable_prompt
 from nanollm.loggers import log_text_sample
 
@@ -37,9 +38,16 @@ class GracefulInterrupt(L.Callback):
         self._step_at_batch_start = -1
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            # A second Ctrl-C: stop now. Lightning would turn a KeyboardInterrupt into a silent exit(1);
+            # this one reaches the command, which names what is kept. A save it cuts short leaves the
+            # previous file whole (atomic writes).
+            raise TrainingInterrupted(
+                "interrupted again before this step's state was saved; the checkpoints saved before it are in "
+                f"{self.checkpoint_dir}: resume with the same command plus ckpt_path=last.",
+                exit_code=130,
+            )
         self.received = self.received or signal.Signals(signum)
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT) or signal.default_int_handler)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _in_main_thread():

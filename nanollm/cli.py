@@ -54,7 +54,14 @@ def exit_on_user_error(
             cause = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", str(err).strip().splitlines()[0])
             return _user_error(cfg, NanoLLMError(f"out of memory: {cause}; {out_of_memory}."))
         except KeyboardInterrupt:
-            _print_once(f"error: {interrupted}")
+            if _run_logged and cfg.get("checkpoint_dir"):  # a second Ctrl-C while training: the first one's save
+                # was cut short, but the checkpoints written before it are there to resume from.
+                _print_once(
+                    "error: interrupted again before this step's state was saved; the checkpoints saved before "
+                    f"it are in {cfg.checkpoint_dir}: resume with the same command plus ckpt_path=last."
+                )
+            else:
+                _print_once(f"error: {interrupted}")
             sys.exit(130)
 
     return wrapper

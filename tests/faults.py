@@ -18,14 +18,15 @@ import lightning as L
 class SignalAt(L.Callback):
     """Sends `signum` to this process at the end of its `batch`-th training batch (micro-batch, from 1)."""
 
-    def __init__(self, batch: int, signum: int = signal.SIGTERM):
-        self.batch, self.signum = batch, signum
+    def __init__(self, batch: int, signum: int = signal.SIGTERM, times: int = 1):
+        self.batch, self.signum, self.times = batch, signum, times
         self.seen = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.seen += 1
         if self.seen == self.batch:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):  # times=2: a user pressing Ctrl-C twice
+                os.kill(os.getpid(), self.signum)
 
 
 class DiskFullAt(L.Callback):

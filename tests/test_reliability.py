@@ -94,6 +94,17 @@ def test_a_signal_mid_step_then_resume_matches_an_uninterrupted_run(
     assert ours["tokens_per_second"] == pytest.approx(trained / ours["training_time_seconds"], rel=0.05)
 
 
+def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoints_kept(tmp_path):
+    # Lightning turned the KeyboardInterrupt of a second Ctrl-C into a silent exit(1).
+    fault = ["+callbacks.fault._target_=tests.faults.SignalAt", "+callbacks.fault.batch=9"]
+    fault += [f"+callbacks.fault.signum={int(signal.SIGINT)}", "+callbacks.fault.times=2"]
+    stopped = run_script("train.py", [*train_args(tmp_path, "checkpoint_interval=4"), *fault])
+    assert stopped.returncode == 130, stopped.stderr
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert_user_error(stopped, "interrupted again", f"are in {checkpoints}", "ckpt_path=last")
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_good_one(trained_run, tmp_path):
     import shutil
 
