@@ -386,5 +386,6 @@ def eval_command(cfg: DictConfig) -> None:
     print(format_table(results))
     if cfg.output:
         report = results if several else results[0]
-        atomic_write_text(Path(cfg.output), json.dumps(report, indent=2) + "\n", what="results")
+        # Checked before scoring, and again here: a file that appeared meanwhile is not replaced.
+        atomic_write_text(Path(cfg.output), json.dumps(report, indent=2) + "\n", what="scores", replace=False)
         print(f"wrote {cfg.output}")

@@ -16,9 +16,10 @@ from typing import BinaryIO
 from nanollm.errors import NanoLLMError
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "file", replace: bool = True) -> None:
     """Write through `write(handle)` to a temporary file beside `path`, flush it to disk, then rename it
     into place: a kill or a full disk at any moment leaves the old file or the new one, never a truncated one.
+    With `replace=False` a file that exists at `path` by then is left as it is, and that is an error.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -28,7 +29,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise NanoLLMError(
+            f"'{path}' was created by something else meanwhile; it was left as it is and the {what} not written "
+            "there. Choose a new file name."
+        ) from None
     except OSError as err:
         with contextlib.suppress(OSError):  # the directory itself may be what failed (read-only, gone)
             tmp.unlink(missing_ok=True)
@@ -36,6 +46,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
             f"Could not save {what} '{path}': {err.strerror or err}. Free disk space or make the directory "
             "writable; earlier files are intact."
         ) from None
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` only if no file has it: a link fails where a rename would replace."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
 
 
 def remove_unused_run_dir(run_dir: Path) -> None:
@@ -56,6 +80,6 @@ def atomic_copy(source: Path, target: Path) -> None:
     atomic_write(target, copy, what="checkpoint")
 
 
-def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
+def atomic_write_text(path: Path, text: str, what: str = "file", replace: bool = True) -> None:
     """Write a text file (results.json, reports) with the write-then-rename guarantee."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), what=what)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), what=what, replace=replace)

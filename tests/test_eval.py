@@ -138,6 +138,24 @@ def test_skip_leaves_unseen_characters_out_of_the_count(trained_checkpoint, tmp_
 
 
 # ---- through the entry point: one real process, the rest in this one (run_cli) -------------------
+def test_an_output_file_that_appears_while_scoring_is_not_replaced(trained_checkpoint, tmp_path, monkeypatch):
+    # The new-file check runs before scoring; another eval.py could create the file meanwhile.
+    import nanollm.evaluation
+
+    out = tmp_path / "scores.json"
+
+    def another_writer_meanwhile(path):
+        out.write_text("theirs")
+
+    monkeypatch.setattr(nanollm.evaluation, "check_output_path", another_writer_meanwhile)
+    data = tmp_path / "text.txt"
+    data.write_text(SAMPLE.read_text(encoding="utf-8")[:500], encoding="utf-8")
+    result = run_cli("eval.py", [f"ckpt_path={trained_checkpoint}", f"data.path={data}", f"output={out}"])
+    assert result.returncode == 1 and "was created by something else meanwhile" in result.stderr
+    assert "bits/char" in result.stdout  # the scores are printed all the same
+    assert out.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json", "text.txt"]
+
+
 def test_eval_reports_loss_perplexity_and_bits_per_character(trained_checkpoint, tmp_path):
     out = tmp_path / "scores.json"
     result = run_script("eval.py", [f"ckpt_path={trained_checkpoint}", f"output={out}", "eval.batch_size=7"])
