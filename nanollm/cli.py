@@ -145,6 +145,14 @@ def run_entry_point(main) -> None:
     skip_shutdown_collections()
 
 
+def outputs_dir(cfg: DictConfig) -> Path:
+    """`outputs_dir`, where runs go and where ckpt_path=last looks: a path, never null."""
+    value = cfg.get("outputs_dir")
+    if not isinstance(value, str) or not value:
+        raise NanoLLMError(f"outputs_dir must be a directory path (the default is outputs), got {value!r}.")
+    return Path(value)
+
+
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -276,6 +284,7 @@ def _discard_unstarted_run_dir(hydra_cfg, sweep_refused: bool = False) -> None:
         run_dir = Path(hydra_cfg.runtime.output_dir)
         remove_unused_run_dir(run_dir)
         _remove_if_empty(run_dir.parent)  # outputs/<date>/, if this was its only run
+        _remove_if_empty(run_dir.parent.parent)  # and outputs/ itself, if it was the first
     elif sweep_refused and not _set_on_command_line(hydra_cfg, "hydra.sweep.dir"):
         remove_unused_run_dir(Path(hydra_cfg.runtime.output_dir))
         sweep_dir = Path(hydra_cfg.sweep.dir)
@@ -330,7 +339,7 @@ def generate_command(cfg: DictConfig) -> None:
 
     validate_generate_config(cfg)
     # Warnings (a damaged checkpoint passed over) go to stderr: stdout is the sampled text.
-    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, Path(cfg.outputs_dir), warn=_to_stderr)
+    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, outputs_dir(cfg), warn=_to_stderr)
     device = (
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
@@ -377,7 +386,7 @@ def eval_command(cfg: DictConfig) -> None:
         cfg.eval.batch_size,
         cfg.eval.unknown,
         pick_device(cfg.device),
-        Path(cfg.outputs_dir),
+        outputs_dir(cfg),
         progress=True,
         glob=cfg.data.get("glob") or "**/*.txt",
         method=cfg.eval.get("method") or "windows",

@@ -71,6 +71,9 @@ def _number(cfg: DictConfig, key: str, low: float, high: float, rule: str, low_o
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise NanoLLMError for the first invalid value, naming the key and a valid alternative."""
+    outputs = _get(cfg, "outputs_dir")
+    if not isinstance(outputs, str) or not outputs:
+        raise NanoLLMError(f"outputs_dir must be a directory path (the default is outputs), got {outputs!r}.")
     name = _get(cfg, "experiment_name")  # recorded in results.json: a list here failed only after training
     if name is not None and not isinstance(name, (str, int, float)):
         raise NanoLLMError(f"experiment_name must be a name (a string), got {name!r}.")

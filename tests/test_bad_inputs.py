@@ -193,6 +193,7 @@ TRAIN_CASES = {
         ["{ws}/done' holds another run's results.json", "another directory"],
     ),
     "a list as experiment_name": (["experiment_name=[a,b]"], ["experiment_name must be a name", "['a', 'b']"]),
+    "outputs_dir null": (["outputs_dir=null"], ["outputs_dir must be a directory path", "None"]),
     "resuming another run into this run's directory": (
         ["hydra.run.dir={ws}/done", "ckpt_path={ws}/other/checkpoints/last.ckpt"],
         ["holds checkpoints of another run", "hydra.run.dir={ws}/other ckpt_path=last"],
@@ -209,6 +210,7 @@ TRAIN_CASES = {
 GENERATE_CASES = {
     "no checkpoint given": ([], ["ckpt_path is required"]),
     "a FIFO as checkpoint": (["ckpt_path={ws}/fifo.ckpt"], ["fifo.ckpt", "not a regular file"]),  # it blocked forever
+    "outputs_dir null": (["ckpt_path=last", "outputs_dir=null"], ["outputs_dir must be a directory path"]),
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged"]),
     "random bytes as checkpoint": (["ckpt_path={ws}/random.ckpt"], RANDOM_BYTES),
@@ -248,6 +250,7 @@ EVAL_CASES = {
     "one character": ([f"ckpt_path={DONE}", "data.path={ws}/one.txt"], ["at least 2"]),
     "stride past the context": ([f"ckpt_path={DONE}", "eval.stride=33"], ["eval.stride", "(32)"]),
     "a FIFO as checkpoint": (["ckpt_path={ws}/fifo.ckpt"], ["fifo.ckpt", "not a regular file"]),
+    "outputs_dir null": (["ckpt_path=last", "outputs_dir=null"], ["outputs_dir must be a directory path"]),
     "zero stride": ([f"ckpt_path={DONE}", "eval.stride=0"], ["eval.stride"]),
     "unknown eval.unknown": ([f"ckpt_path={DONE}", "eval.unknown=drop"], ["eval.unknown", "error, skip"]),
     "unknown eval.method": ([f"ckpt_path={DONE}", "eval.method=beam"], ["eval.method", "windows, rolling"]),
