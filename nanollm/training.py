@@ -191,7 +191,7 @@ def _check_token_ids(tokens, vocab_size: int) -> None:
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], extension: str) -> L.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [_instantiate_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.FILE_EXTENSION = extension
@@ -215,6 +215,17 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], extension:
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise NanoLLMError(
             f"Lightning refused the trainer settings: {reason} (check the trainer.* overrides)."
+        ) from None
+
+
+def _instantiate_callback(name: str, callback_cfg: DictConfig) -> L.Callback:
+    try:
+        return instantiate(callback_cfg)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise NanoLLMError(
+            f"callbacks.{name} refused its settings: {reason} (check the callbacks.{name}.* overrides)."
         ) from None
 
 

@@ -194,6 +194,10 @@ TRAIN_CASES = {
     ),
     "a list as experiment_name": (["experiment_name=[a,b]"], ["experiment_name must be a name", "['a', 'b']"]),
     "outputs_dir null": (["outputs_dir=null"], ["outputs_dir must be a directory path", "None"]),
+    "unknown early-stopping mode": (
+        ["callbacks=early_stopping", "callbacks.early_stopping.mode=bogus"],
+        ["callbacks.early_stopping refused its settings", "bogus"],
+    ),
     "resuming another run into this run's directory": (
         ["hydra.run.dir={ws}/done", "ckpt_path={ws}/other/checkpoints/last.ckpt"],
         ["holds checkpoints of another run", "hydra.run.dir={ws}/other ckpt_path=last"],
