@@ -119,6 +119,11 @@ class TrainingHealth(L.Callback):
     """Warns once when the gradient norm stays outside the healthy range for `patience` log intervals."""
 
     def __init__(self, grad_norm_low: float = 0.01, grad_norm_high: float = 10.0, patience: int = 5):
+        for key, value in (("grad_norm_low", grad_norm_low), ("grad_norm_high", grad_norm_high)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
         self.low, self.high, self.patience = grad_norm_low, grad_norm_high, patience
         self._streak = 0
         self._last_counted_step = -1

@@ -194,6 +194,10 @@ TRAIN_CASES = {
     ),
     "a list as experiment_name": (["experiment_name=[a,b]"], ["experiment_name must be a name", "['a', 'b']"]),
     "outputs_dir null": (["outputs_dir=null"], ["outputs_dir must be a directory path", "None"]),
+    "text as a patience": (
+        ["callbacks.training_health.patience=abc"],
+        ["callbacks.training_health refused its settings", "patience must be an integer >= 1", "abc"],
+    ),
     "unknown early-stopping mode": (
         ["callbacks=early_stopping", "callbacks.early_stopping.mode=bogus"],
         ["callbacks.early_stopping refused its settings", "bogus"],
