@@ -30,8 +30,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODEL_CONFIG_KEYS = {"vocab_size", "embedding_dim", "num_layers", "num_heads", "ffn_hidden_dim", "context_length"}
 OTHER_CONFIG_KEYS = {"checkpoint_dir", "progress_bar"}
 
-# Runbook config key -> Hydra config key.
 RUNBOOK_DEFAULT_STEPS = 1000  # the runbook's num_steps for nano
+
+# Runbook config key -> Hydra config key.
 RUNBOOK_KEYS = {
     "learning_rate": "optim.lr",
     "num_steps": "trainer.max_steps",
