@@ -47,10 +47,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise NanoLLMError(
             f"Checkpoint '{path}' does not exist. Check the path, or use ckpt_path=last for the newest run."
         )
-    if path.is_dir():  # a run directory keeps its checkpoints in checkpoints/
+    if path.is_dir():  # a run directory keeps its checkpoints in checkpoints/, a sweep's jobs in <n>/checkpoints/
         inside = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        example = next(iter(list_checkpoints(inside)), inside / LAST_NAME)
-        raise NanoLLMError(f"Checkpoint path '{path}' is a directory; pass a checkpoint file in it, e.g. {example}.")
+        found = list_checkpoints(inside) or sorted(path.glob(f"*/checkpoints/{LAST_NAME}"))
+        if not found:
+            raise NanoLLMError(
+                f"Checkpoint path '{path}' is a directory with no checkpoints in it; pass a checkpoint file "
+                "(outputs/<date>/<time>/checkpoints/last.ckpt) or ckpt_path=last."
+            )
+        raise NanoLLMError(f"Checkpoint path '{path}' is a directory; pass a checkpoint file in it, e.g. {found[0]}.")
     if not path.is_file():  # a FIFO or a device would block or stream forever
         raise NanoLLMError(f"Checkpoint '{path}' is not a regular file; pass a checkpoint file written by nanollm.")
     try:

@@ -67,6 +67,7 @@ def workspace(tmp_path_factory, trained_run):
     crafted(good, ws / "learned.ckpt", _learned_positions)
     (ws / "random.ckpt").write_bytes(random.Random(0).randbytes(5000))
     os.mkfifo(ws / "fifo.ckpt")
+    shutil.copytree(trained_run / "checkpoints", ws / "sweep" / "0" / "checkpoints")  # a sweep directory's job
     (ws / "no_best").mkdir()
     (ws / "new_letters.txt").write_text("Only new letters: ÆØÅ æøå " * 100, encoding="utf-8")
     return ws
@@ -218,6 +219,10 @@ TRAIN_CASES = {
 GENERATE_CASES = {
     "no checkpoint given": ([], ["ckpt_path is required"]),
     "a FIFO as checkpoint": (["ckpt_path={ws}/fifo.ckpt"], ["fifo.ckpt", "not a regular file"]),  # it blocked forever
+    "a run directory as checkpoint": (["ckpt_path={ws}/done"], ["is a directory", "e.g. {ws}/done/checkpoints/"]),
+    # It suggested <sweep>/last.ckpt, which does not exist.
+    "a sweep directory as checkpoint": (["ckpt_path={ws}/sweep"], ["e.g. {ws}/sweep/0/checkpoints/last.ckpt"]),
+    "a directory without checkpoints": (["ckpt_path={ws}/no_text"], ["no checkpoints in it", "ckpt_path=last"]),
     "outputs_dir null": (["ckpt_path=last", "outputs_dir=null"], ["outputs_dir must be a directory path"]),
     "missing checkpoint": (["ckpt_path={ws}/nope.ckpt"], ["does not exist"]),
     "damaged checkpoint": (["ckpt_path={ws}/damaged.ckpt"], ["damaged"]),
