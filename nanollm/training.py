@@ -211,10 +211,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], extension:
             _convert_="partial",
         )
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise NanoLLMError(
-            f"Lightning refused the trainer settings: {reason} (check the trainer.* overrides)."
+            f"Lightning refused the trainer settings: {_refusal(err)} (check the trainer.* overrides)."
         ) from None
 
 
@@ -222,11 +220,16 @@ def _instantiate_callback(name: str, callback_cfg: DictConfig) -> L.Callback:
     try:
         return instantiate(callback_cfg)
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise NanoLLMError(
-            f"callbacks.{name} refused its settings: {reason} (check the callbacks.{name}.* overrides)."
+            f"callbacks.{name} refused its settings: {_refusal(err)} (check the callbacks.{name}.* overrides)."
         ) from None
+
+
+def _refusal(err: InstantiationException) -> str:
+    """The first line of what the instantiated class raised (Hydra wraps it), or its type when it says nothing."""
+    cause = err.__cause__ or err
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def instantiate_logger(logger_cfg: DictConfig):
@@ -244,7 +247,7 @@ def instantiate_logger(logger_cfg: DictConfig):
             raise NanoLLMError(
                 f"logger={extra} needs the optional '{extra}' extra: pip install -e '.[{extra}]' (or use logger=csv)."
             ) from None
-        raise NanoLLMError(f"Could not create the logger {name}: {str(cause or err).splitlines()[0]}") from None
+        raise NanoLLMError(f"Could not create the logger {name}: {_refusal(err)}") from None
 
 
 def _val_check_batches(trainer_cfg: DictConfig):
