@@ -201,7 +201,7 @@ def check_run_ownership(own_dirs: list[Path], resume_from: Path | None) -> None:
     """
     held = [p for d in own_dirs for p in list_checkpoints(d)]
     if not held:
-        recorded = next((d for d in own_dirs if _holds_results(d)), None)
+        recorded = next((d for d in own_dirs if holds_results(d)), None)
         if recorded is not None and (resume_from is None or Path(resume_from).resolve().parent != recorded.resolve()):
             # Its checkpoints are elsewhere (checkpoint_dir), but this run would replace its results.json.
             raise RunDirectoryTaken(
@@ -229,15 +229,22 @@ def check_run_ownership(own_dirs: list[Path], resume_from: Path | None) -> None:
         )
 
 
-def _holds_results(directory: Path) -> bool:
-    """Whether a directory holds the results.json of a run (a failed run's may be replaced by its retry)."""
-    path = Path(directory) / "results.json"
-    if not path.is_file():
-        return False
+def run_record(run_dir: Path) -> dict | None:
+    """A run directory's results.json: None if there is none, `{"status": "unknown"}` if it cannot be read."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("status") != "failed"
-    except (OSError, ValueError, AttributeError):
-        return True  # unreadable: not ours to replace
+        record = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = None
+    return record if isinstance(record, dict) else {"status": "unknown"}
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether a directory holds the results of a run, which nothing may replace; a failed run's may be
+    replaced by its retry, and an unreadable one is not ours to replace either."""
+    record = run_record(run_dir)
+    return record is not None and record.get("status", "unknown") != "failed"
 
 
 def architecture_mismatch(saved: dict, wanted: dict) -> list[str]:

@@ -209,22 +209,14 @@ def _group_options(err: Exception, group: str) -> list[str]:
 def _record_failed_job(cfg: DictConfig, err: Exception) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from nanollm.checkpointing import holds_results
+
     hydra_cfg = HydraConfig.get()
-    path = Path(hydra_cfg.runtime.output_dir, "results.json")
-    if _recorded_status(path) not in (None, "failed"):
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if holds_results(run_dir):
         return  # the results of a run whose directory this job was refused: they stay as they are
     record = {"status": "failed", "error": str(err), "overrides": list(hydra_cfg.overrides.task)}
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def _recorded_status(results_path: Path) -> str | None:
-    """The status in an existing results.json ("completed", "interrupted", "failed"); None if there is none."""
-    try:
-        return json.loads(results_path.read_text(encoding="utf-8")).get("status", "unknown")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError):
-        return "unknown"  # unreadable: not ours to replace either
+    atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2) + "\n")
 
 
 def quiet_lightning() -> None:

@@ -9,7 +9,6 @@ sees at least `context_length - stride` characters before it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from nanollm.allocator import keep_freed_memory
-from nanollm.checkpointing import BEST_NAME, LAST_NAME, model_from_checkpoint, read_checkpoint, resolve_checkpoint
+from nanollm.checkpointing import (
+    BEST_NAME,
+    LAST_NAME,
+    model_from_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+    run_record,
+)
 from nanollm.corpus import DEFAULT_GLOB, iter_text, list_text_files
 from nanollm.errors import NanoLLMError
 from nanollm.generation import rolling_log_likelihood
@@ -192,11 +198,8 @@ def checkpoints_in_directory(directory: Path) -> tuple[list[Path], bool]:
 
 def _failed(job: Path) -> str:
     """`` (the job failed: <its error>)`` when the job's results.json records a failure."""
-    try:
-        results = json.loads((job / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ""
-    return f" (the job failed: {results.get('error')})" if results.get("status") == "failed" else ""
+    record = run_record(job) or {}
+    return f" (the job failed: {record.get('error')})" if record.get("status") == "failed" else ""
 
 
 def _best_or_last(checkpoint_dir: Path) -> Path | None:
