@@ -42,11 +42,7 @@ class GracefulInterrupt(L.Callback):
             # A second Ctrl-C: stop now. Lightning would turn a KeyboardInterrupt into a silent exit(1);
             # this one reaches the command, which names what is kept. A save it cuts short leaves the
             # previous file whole (atomic writes).
-            raise TrainingInterrupted(
-                "interrupted again before this step's state was saved; the checkpoints saved before it are in "
-                f"{self.checkpoint_dir}: resume with the same command plus ckpt_path=last.",
-                exit_code=130,
-            )
+            raise TrainingInterrupted.again(self.checkpoint_dir)
         self.received = self.received or signal.Signals(signum)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

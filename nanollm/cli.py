@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import nanollm.config  # noqa: F401  (registers the OmegaConf resolvers conf/ uses)
+from nanollm.config import outputs_path
 from nanollm.errors import NanoLLMError, SweepError, TrainingInterrupted
 from nanollm.files import atomic_write_text, remove_unused_run_dir
 from nanollm.start import in_multirun
@@ -54,12 +55,9 @@ def exit_on_user_error(
             cause = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", str(err).strip().splitlines()[0])
             return _user_error(cfg, NanoLLMError(f"out of memory: {cause}; {out_of_memory}."))
         except KeyboardInterrupt:
-            if _run_logged and cfg.get("checkpoint_dir"):  # a second Ctrl-C while training: the first one's save
+            if _run_logged and cfg.get("checkpoint_dir"):  # a second Ctrl-C after training: the first one's save
                 # was cut short, but the checkpoints written before it are there to resume from.
-                _print_once(
-                    "error: interrupted again before this step's state was saved; the checkpoints saved before "
-                    f"it are in {cfg.checkpoint_dir}: resume with the same command plus ckpt_path=last."
-                )
+                _print_once(f"error: {TrainingInterrupted.again(cfg.checkpoint_dir)}")
             else:
                 _print_once(f"error: {interrupted}")
             sys.exit(130)
@@ -143,14 +141,6 @@ def run_entry_point(main) -> None:
         )
         sys.exit(1)
     skip_shutdown_collections()
-
-
-def outputs_dir(cfg: DictConfig) -> Path:
-    """`outputs_dir`, where runs go and where ckpt_path=last looks: a path, never null."""
-    value = cfg.get("outputs_dir")
-    if not isinstance(value, str) or not value:
-        raise NanoLLMError(f"outputs_dir must be a directory path (the default is outputs), got {value!r}.")
-    return Path(value)
 
 
 def _to_stderr(message: str) -> None:
@@ -331,7 +321,7 @@ def generate_command(cfg: DictConfig) -> None:
 
     validate_generate_config(cfg)
     # Warnings (a damaged checkpoint passed over) go to stderr: stdout is the sampled text.
-    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, outputs_dir(cfg), warn=_to_stderr)
+    path, checkpoint = resolve_checkpoint(str(cfg.ckpt_path), None, outputs_path(cfg), warn=_to_stderr)
     device = (
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
@@ -378,7 +368,7 @@ def eval_command(cfg: DictConfig) -> None:
         cfg.eval.batch_size,
         cfg.eval.unknown,
         pick_device(cfg.device),
-        outputs_dir(cfg),
+        outputs_path(cfg),
         progress=True,
         glob=cfg.data.get("glob") or "**/*.txt",
         method=cfg.eval.get("method") or "windows",

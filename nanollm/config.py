@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -69,11 +70,17 @@ def _number(cfg: DictConfig, key: str, low: float, high: float, rule: str, low_o
     return number
 
 
+def outputs_path(cfg: DictConfig) -> Path:
+    """`outputs_dir`, where runs go and where ckpt_path=last looks (train.py, generate.py, eval.py): never null."""
+    value = _get(cfg, "outputs_dir")
+    if not isinstance(value, str) or not value:
+        raise NanoLLMError(f"outputs_dir must be a directory path (the default is outputs), got {value!r}.")
+    return Path(value)
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise NanoLLMError for the first invalid value, naming the key and a valid alternative."""
-    outputs = _get(cfg, "outputs_dir")
-    if not isinstance(outputs, str) or not outputs:
-        raise NanoLLMError(f"outputs_dir must be a directory path (the default is outputs), got {outputs!r}.")
+    outputs_path(cfg)
     name = _get(cfg, "experiment_name")  # recorded in results.json: a list here failed only after training
     if name is not None and not isinstance(name, (str, int, float)):
         raise NanoLLMError(f"experiment_name must be a name (a string), got {name!r}.")

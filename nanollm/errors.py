@@ -1,5 +1,7 @@
 """The one exception type for mistakes a user can fix (bad paths, bad values, bad checkpoints)."""
 
+from __future__ import annotations
+
 
 class NanoLLMError(Exception):
     """A user-facing error: its message is one line that says what is wrong and how to fix it.
@@ -17,6 +19,14 @@ class TrainingInterrupted(NanoLLMError):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+    @classmethod
+    def again(cls, checkpoint_dir) -> TrainingInterrupted:
+        """A second Ctrl-C, which stops before the first one's save: what is kept, and how to go on."""
+        return cls(
+            "interrupted again before this step's state was saved; the checkpoints saved before it are in "
+            f"{checkpoint_dir}: resume with the same command plus ckpt_path=last."
+        )
 
 
 class SweepError(NanoLLMError):
