@@ -84,6 +84,7 @@ def train_with_config(
     `final_loss` and `final_grad_norm`. Pass `tokenizer` to store the vocabulary in the checkpoints
     (then generate.py and eval.py can use them).
     """
+    from nanollm.checkpointing import check_resumable_into, read_checkpoint
     from nanollm.corpus import EncodedCorpus, token_dtype
     from nanollm.training import run
 
@@ -126,7 +127,8 @@ def train_with_config(
     if ids.max() >= model.config.vocab_size:  # here, before a narrower dtype could wrap a huge id around
         raise NanoLLMError(
             f"Token id {ids.max()} is outside the model's vocabulary (vocab_size {model.config.vocab_size}); "
-            "encode the text with the tokenizer the model was built for."
+            "encode the text with the tokenizer the model was built for, or build the model with the "
+            "tokenizer's vocab_size."
         )
 
     checkpoint_dir = Path(config["checkpoint_dir"]).resolve()
@@ -157,7 +159,8 @@ def train_with_config(
         OmegaConf.update(cfg, key, value, merge=False)
     corpus = EncodedCorpus(tokenizer, ids.astype(token_dtype(int(ids.max()) + 1)), source="<tokens>")
     if resume_from is not None and Path(resume_from).is_file():
-        _check_resumable_into(model, Path(resume_from))
+        # Before the run's own check, which words its remedy for the command line (leave out model keys).
+        check_resumable_into(model, read_checkpoint(resume_from), Path(resume_from))
     try:
         results = run(
             cfg,
@@ -172,15 +175,6 @@ def train_with_config(
         raise NanoLLMError(_taken_directory_remedy(err)) from None
     results["final_loss"] = results["final_train_loss"]
     return results
-
-
-def _check_resumable_into(model: TransformerLanguageModel, path: Path) -> None:
-    """The model must be built as the checkpoint's was: Lightning would fail on the state dict otherwise."""
-    from nanollm.checkpointing import read_checkpoint, settings_that_differ
-
-    differ = settings_that_differ(model, read_checkpoint(path), path)
-    if differ:
-        raise NanoLLMError(f"Cannot resume '{path}' into this model: build it with the checkpoint's settings{differ}.")
 
 
 def _taken_directory_remedy(err: RunDirectoryTaken) -> str:

@@ -343,6 +343,14 @@ def load_model_weights(model, checkpoint: dict, path: str | Path, same_settings:
     model.load_state_dict(state)
 
 
+def check_resumable_into(model, checkpoint: dict, path: str | Path) -> None:
+    """A model built elsewhere (the API's) must be built as the checkpoint's was: Lightning would fail on
+    its state dict otherwise."""
+    differ = settings_that_differ(model, checkpoint, path)
+    if differ:
+        raise NanoLLMError(f"Cannot resume '{path}' into this model: build it with the checkpoint's settings{differ}.")
+
+
 def settings_that_differ(model, checkpoint: dict, path: str | Path) -> str:
     """`: vocab_size=57 (this model has 42)`, for each model setting the checkpoint records differently."""
     try:

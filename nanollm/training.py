@@ -80,8 +80,6 @@ def run(
 
     datamodule = build_datamodule(cfg, corpus, start.seed)
     tokenizer, added = run_vocabulary(datamodule, start)
-    if tokenizer is None and model is not None:  # ids the caller encoded: they must fit the model
-        _check_token_ids(datamodule.corpus.tokens, model.config.vocab_size)
     module = LanguageModelModule(
         model_config=(model.config if model is not None else model_config_from(cfg, tokenizer.vocab_size)).to_dict(),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -179,15 +177,6 @@ def run_vocabulary(datamodule: CharDataModule, start: Start) -> tuple[CharTokeni
         tokenizer = start.tokenizer.extended(text_tokenizer.chars)
     datamodule.use_vocabulary(tokenizer)
     return tokenizer, tokenizer.vocab_size - start.tokenizer.vocab_size
-
-
-def _check_token_ids(tokens, vocab_size: int) -> None:
-    largest = int(tokens.max())
-    if largest >= vocab_size:
-        raise NanoLLMError(
-            f"Token id {largest} is outside the model's vocabulary (vocab_size {vocab_size}); "
-            "build the model with the tokenizer's vocab_size."
-        )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], extension: str) -> L.Trainer:
