@@ -98,8 +98,8 @@ def run(
         echo(_summary(cfg, module, datamodule, trainer, start, added))
         if results_file:  # the runbook API's directory holds its checkpoints alone
             atomic_write_text(Path(cfg.run_dir) / "run_config.yaml", rerun_config(start), what="run config")
-    if start.kind == "resume" and trainer.is_global_zero:
-        keep_finished_state(checkpoint_dir / f"checkpoint_final{extension}", int(start.checkpoint["global_step"]))
+        if start.kind == "resume":
+            keep_finished_state(checkpoint_dir / f"checkpoint_final{extension}", int(start.checkpoint["global_step"]))
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(start), weights_only=True)
     training_time = time.perf_counter() - started
