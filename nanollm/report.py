@@ -78,13 +78,13 @@ def completed(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r.get("status") == "completed" and r.get("final_val_loss") is not None]
 
 
-def write_report(sweep_dir: str | Path) -> dict[str, Path]:
-    """Write the summary files and plots; returns what was written."""
+def write_report(sweep_dir: str | Path, runs: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """Write the summary files and plots of `runs` (collect_runs' if not given); returns what was written."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         problem = "is not a directory" if sweep_dir.exists() else "does not exist"
         raise NanoLLMError(f"Sweep directory '{sweep_dir}' {problem}; pass outputs/multirun/<date>/<time>.")
-    runs = collect_runs(sweep_dir)
+    runs = collect_runs(sweep_dir) if runs is None else runs
     if not runs:
         raise NanoLLMError(
             f"No results.json under '{sweep_dir}/*/': is this a sweep directory (outputs/multirun/<date>/<time>)?"
@@ -241,13 +241,13 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        runs = collect_runs(sweep_dir)  # once: the report and the exit status read the same records
         try:
-            written = write_report(sweep_dir)
+            written = write_report(sweep_dir, runs)
         except NanoLLMError as err:
             print(f"error: sweep report not written: {err}", file=sys.stderr)
             return
         print(f"Sweep report: {written['summary.md']} (+ {len(written) - 1} more files in {sweep_dir})")
-        runs = collect_runs(sweep_dir)
         failed = [run["label"] for run in runs if run.get("status") == "failed"]
         if failed:
             print(
