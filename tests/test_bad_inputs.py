@@ -361,7 +361,7 @@ def test_api_bad_inputs_raise_one_clear_error(workspace, tmp_path):
         (lambda: load_checkpoint(workspace / "damaged.ckpt", model), "damaged"),
         # The runbook hard-codes vocab_size=42: the error names the checkpoint's own settings.
         (
-            lambda: load_checkpoint(workspace / "done/checkpoints/last.ckpt", model),
+            lambda: load_checkpoint(done, model),
             r"different shape.*checkpoint's settings: vocab_size=\d+ \(this model has 6\)",
         ),
         # The runbook's config_nano after its Quick Start: the same checkpoint_dir, which holds that run.
